@@ -1,0 +1,1 @@
+"""Self-supervised pretraining from video: frames -> optical flow -> AlexNet with the CPFS loss."""

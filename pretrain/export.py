@@ -1,0 +1,45 @@
+"""Export a pretrained AlexNet as the plain network the benchmarks load.
+
+The paper pretrains with parameter-free BatchNorm after every conv/fc and absorbs the BN
+statistics into the weights afterwards (§4.3; protocols.md P1), so the evaluated AlexNet has no
+BN layers. ``python -m pretrain.export CKPT OUT`` does that and prints the new fingerprint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from backbones.alexnet import fold_batchnorm
+from backbones.checkpoint import CheckpointError, load_backbone, save_backbone
+
+__all__ = ["fold_batchnorm", "export", "main"]
+
+
+def export(checkpoint: str, out: str) -> str:
+    """Fold BN of ``checkpoint`` (any format ``backbones.checkpoint`` reads) and write a plain
+    AlexNet to ``out``; returns the exported fingerprint. The pretraining head (hypercolumn MLP)
+    is not part of the AlexNet state and is left behind, as the paper discards it (§4.5)."""
+    loaded = load_backbone(checkpoint, discard=("fc8.*",))
+    meta = dict(loaded.meta)
+    meta.update(exported_from=loaded.source, source_fingerprint=loaded.fingerprint,
+                folded_batchnorm=loaded.report["folded_batchnorm"])
+    return save_backbone(loaded.model.eval(), out, meta=meta)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="pretraining checkpoint (or any AlexNet checkpoint) to export")
+    parser.add_argument("out", help="where to write the plain AlexNet checkpoint (.pt)")
+    args = parser.parse_args(argv)
+    try:
+        fp = export(args.checkpoint, args.out)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}  fingerprint {fp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
