@@ -124,8 +124,8 @@ class AlexNet(nn.Module):
         """Run the network up to the deepest of ``names`` and return those activations.
 
         ``dense=True`` applies fc6/fc7 as convolutions (fc6 is a 6x6 kernel over pool5), giving
-        spatial maps; otherwise pool5 is flattened (torchvision layout: after its adaptive 6x6
-        average pool) and fc6/fc7 are vectors.
+        spatial maps; otherwise pool5 is flattened (after an adaptive 6x6 average pool, the identity
+        for 224-227 px inputs) and fc6/fc7 are vectors.
         """
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in ACTIVATIONS]
@@ -166,13 +166,9 @@ class AlexNet(nn.Module):
         return out
 
     def _flatten_pool5(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "torchvision":
-            x = F.adaptive_avg_pool2d(x, FC6_GRID)
-        elif x.shape[-2:] != (FC6_GRID, FC6_GRID):
-            raise ValueError(
-                f"caffenet fc6 expects a {FC6_GRID}x{FC6_GRID} pool5 map (224-227 px input) but got "
-                f"{tuple(x.shape[-2:])}; use dense=True for other input sizes")
-        return torch.flatten(x, 1)
+        # The identity for 224-227 px inputs (pool5 is already 6x6). Other sizes (the CPU-sized
+        # demo presets) are average-pooled to 6x6 as torchvision's AlexNet always does.
+        return torch.flatten(F.adaptive_avg_pool2d(x, FC6_GRID), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activations(x, ["fc8" if self.fc8 is not None else "fc7"])[

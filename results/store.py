@@ -288,6 +288,20 @@ def write_record(record: Mapping[str, Any], results_dir: Path | str,
     return path
 
 
+def load_record(path: Path | str) -> dict[str, Any]:
+    """One record; a file that is not JSON or not a schema-1 record raises ValueError naming it."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    try:
+        validate_record(record)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a schema-{SCHEMA} record ({err})") from None
+    return record
+
+
 def load_records(results_dir: Path | str) -> list[dict[str, Any]]:
     """All records under ``results_dir`` (recursively, sorted by path).
 
@@ -298,17 +312,5 @@ def load_records(results_dir: Path | str) -> list[dict[str, Any]]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return []
-    records = []
-    for path in sorted(results_dir.rglob("*.json")):
-        if path.name.startswith(TMP_PREFIX):
-            continue
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        try:
-            validate_record(record)
-        except ValueError as err:
-            raise ValueError(f"{path}: not a schema-{SCHEMA} record ({err})") from None
-        records.append(record)
-    return records
+    return [load_record(path) for path in sorted(results_dir.rglob("*.json"))
+            if not path.name.startswith(TMP_PREFIX)]

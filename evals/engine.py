@@ -1,0 +1,313 @@
+"""What every benchmark harness shares: seeded data order, an iteration-based training loop with
+exact checkpoint/resume, TensorBoard + progress bar, DDP setup, and writing the result record.
+
+Exact resume rests on three rules: (1) the data order of epoch ``e`` is a permutation seeded by
+``(seed, e)``; (2) every random augmentation of sample ``i`` in epoch ``e`` draws from a generator
+seeded by ``(seed, e, i)``, so it does not depend on worker processes; (3) a checkpoint stores the
+step, the position in the epoch, model/optimiser/scheduler states and torch's RNG (dropout).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from backbones.checkpoint import LoadedBackbone, atomic_torch_save, load_backbone, random_backbone
+from results import store
+
+# --- distributed -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed from torchrun's or SLURM's environment; single process otherwise."""
+    env = os.environ
+    if "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) > 1:  # torchrun / submitit helpers
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return DistInfo(rank, world, local)
+
+
+def pick_device(requested: str = "auto", info: DistInfo = DistInfo()) -> torch.device:
+    if requested == "auto":
+        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(requested)
+
+
+# --- seeded data order and augmentation ------------------------------------------------------------
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for every random choice made for sample ``index`` in ``epoch``."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` forever: a fresh permutation per epoch seeded by ``(seed, epoch)``,
+    starting at ``(start_epoch, start_offset)``; with several ranks each takes every world-th item."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, start_epoch: int = 0, start_offset: int = 0,
+                 info: DistInfo = DistInfo()):
+        if size == 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.start_epoch, self.start_offset, self.info = start_epoch, start_offset, info
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = self.start_epoch, self.start_offset
+        while True:
+            mine = self.order(epoch)[self.info.rank::self.info.world_size]
+            for index in mine[offset:]:
+                yield epoch, int(index)
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # per epoch and rank
+        return math.ceil(self.size / self.info.world_size)
+
+
+class Augmented(Dataset):
+    """``base[i]`` passed through ``transform(sample, rng)`` with the rng of :func:`sample_rng`.
+    Indexed by ``(epoch, index)`` (training) or by a plain ``index`` (evaluation, epoch 0)."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any, np.random.Generator], Any], seed: int):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        return self.transform(self.base[index], sample_rng(self.seed, epoch, index))
+
+
+def training_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, start_epoch: int = 0,
+                    start_offset: int = 0, info: DistInfo = DistInfo(), collate_fn=None) -> DataLoader:
+    sampler = EpochSampler(len(dataset), seed, True, start_epoch, start_offset, info)
+    # The loader gets a generator of its own: creating an iterator would otherwise draw from
+    # torch's global RNG (which drives dropout) and a resumed run would diverge.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the training loop -----------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0  # samples of `epoch` already consumed by this rank
+
+
+class Trainer:
+    """Iteration-based training with a checkpoint every ``checkpoint_every`` steps.
+
+    ``step_fn(batch) -> (loss tensor, {name: float})`` computes the loss of one batch; the trainer
+    does backward, clipping, the optimiser and scheduler steps, logging and checkpoints.
+    """
+
+    def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, total_steps: int,
+                 work_dir: Path, checkpoint_every: int, log_every: int = 20, grad_clip: float | None = None,
+                 info: DistInfo = DistInfo(), description: str = "train", trainable: Sequence | None = None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.total_steps, self.work_dir = total_steps, Path(work_dir)
+        self.checkpoint_every, self.log_every, self.grad_clip = checkpoint_every, log_every, grad_clip
+        self.info, self.description = info, description
+        self.trainable = list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+        self.state = TrainState()
+        self.writer = None
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / "checkpoint.pt"
+
+    def save(self) -> None:
+        if not self.info.is_main:
+            return
+        module = getattr(self.model, "module", self.model)
+        atomic_torch_save({"model": module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                           "state": asdict(self.state), "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+
+    def resume(self) -> bool:
+        """Restore the last checkpoint if there is one; returns whether it did."""
+        if not self.checkpoint_path.exists():
+            return False
+        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        getattr(self.model, "module", self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler and ckpt["scheduler"]:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState(**ckpt["state"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return True
+
+    def run(self, make_loader: Callable[[int, int], DataLoader], step_fn: Callable, samples_per_step: int,
+            dataset_size: int) -> TrainState:
+        """Train from ``self.state`` to ``total_steps``; ``make_loader(epoch, offset)`` builds the loader."""
+        state = self.state
+        if state.step >= self.total_steps:
+            return state
+        loader = iter(make_loader(state.epoch, state.offset))
+        per_epoch = math.ceil(dataset_size / self.info.world_size)
+        bar = tqdm(total=self.total_steps, initial=state.step, desc=self.description, unit="it",
+                   disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0)
+        start, seen = time.monotonic(), 0
+        self.model.train()
+        while state.step < self.total_steps:
+            batch = next(loader)
+            loss, logs = step_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.description}: loss is {loss.item()} at step {state.step + 1}; "
+                                         f"last good checkpoint: {self.checkpoint_path}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.optimizer.step()
+            if self.scheduler:
+                self.scheduler.step()
+            state.step += 1
+            state.offset += samples_per_step
+            while state.offset >= per_epoch:  # the sampler moved on to the next epoch
+                state.offset -= per_epoch
+                state.epoch += 1
+            seen += samples_per_step
+            if self.writer and (state.step % self.log_every == 0 or state.step == self.total_steps):
+                self.writer.add_scalar("train/loss", loss.item(), state.step)
+                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], state.step)
+                for name, value in logs.items():
+                    self.writer.add_scalar(f"train/{name}", value, state.step)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2g}",
+                            img_s=f"{seen / max(time.monotonic() - start, 1e-9):.1f}", refresh=False)
+            bar.update(1)
+            if state.step % self.checkpoint_every == 0 or state.step == self.total_steps:
+                self.save()
+        bar.close()
+        if self.writer:
+            self.writer.flush()
+        return state
+
+
+def step_lr(optimizer: torch.optim.Optimizer, step_size: int, gamma: float):
+    """Caffe's "step" policy: lr * gamma ** (iteration // step_size), per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: gamma ** (it // step_size))
+
+
+def multistep_lr(optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float):
+    """Caffe's "multistep" policy, per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: gamma ** sum(it >= m for m in milestones))
+
+
+# --- checkpoints to evaluate -----------------------------------------------------------------------
+
+def load_for_eval(ckpt: str, seed: int, *, num_classes: int | None, new_head: bool, layout: str = "caffenet",
+                  dropout: float = 0.5) -> LoadedBackbone:
+    """``ckpt`` is a path (any format backbones.checkpoint reads) or ``random``.
+
+    ``new_head``: fc8 is re-initialised for this task (declared missing; a source fc8 is discarded).
+    """
+    if ckpt == "random":
+        return random_backbone(seed, layout=layout, num_classes=num_classes, dropout=dropout)
+    patterns = ("fc8.*",) if new_head else ()
+    return load_backbone(ckpt, num_classes=num_classes, allow_missing=patterns, discard=patterns, dropout=dropout)
+
+
+def default_supervision(loaded: LoadedBackbone) -> str:
+    """The table's Supervision column, from what the checkpoint says about itself."""
+    if loaded.source_format == "random-init":
+        return "-"
+    if loaded.source_format == "torchvision-state-dict":
+        return "Class Labels"
+    return str(loaded.meta.get("supervision", "Optical-flow"))
+
+
+def default_label(loaded: LoadedBackbone) -> str:
+    if loaded.source_format == "random-init":
+        return "Random"
+    if loaded.source_format == "torchvision-state-dict":
+        return "Krizhevsky et al. (torchvision)"
+    return str(loaded.meta.get("label", Path(loaded.source).stem))
+
+
+def config_dict(config) -> dict:
+    """A dataclass config as JSON-able values (tuples become lists, paths strings)."""
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return {f.name: plain(getattr(config, f.name)) for f in fields(config)} if is_dataclass(config) else dict(config)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def results_dir_of(config) -> Path:
+    return Path(config.results_dir) if config.results_dir else store.default_results_dir()
+
+
+def finished_metrics(task: str, loaded: LoadedBackbone, config) -> dict | None:
+    """The metrics of an already finished record for (task, fingerprint, seed, preset), unless
+    ``config.overwrite``: re-running a grid then only runs what is missing."""
+    results_dir = results_dir_of(config)
+    if config.overwrite or not store.record_exists(results_dir, task, loaded.fingerprint, config.seed, config.preset):
+        return None
+    path = store.record_path(results_dir, task, loaded.fingerprint, config.seed, config.preset)
+    print(f"[{task}] a finished record exists, skipping (pass --overwrite to redo it): {path}")
+    return store.load_record(path)["metrics"]
+
+
+def save_record(*, task: str, metrics: Mapping, metric_definitions: Mapping, loaded: LoadedBackbone,
+                config, label: str | None, supervision: str | None, seed: int, preset: str,
+                splits: Mapping[str, Sequence[str]], device: torch.device, start: datetime) -> Path:
+    """Build the record (results.store schema) and write it atomically."""
+    record = store.make_record(
+        task, dict(metrics), label=label or default_label(loaded),
+        supervision=supervision or default_supervision(loaded), fingerprint=loaded.fingerprint, seed=seed,
+        preset=preset, config=config_dict(config),
+        provenance=store.provenance(str(device), start, now(), splits),
+        metric_definitions=dict(metric_definitions))
+    record["checkpoint"] = {"source": loaded.source, "format": loaded.source_format, "load_report": {
+        k: v for k, v in loaded.report.items() if k != "loaded"}}
+    return store.write_record(record, results_dir_of(config), overwrite=config.overwrite)
