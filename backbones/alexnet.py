@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYOUTS = ("caffenet", "torchvision")
+# The input convention of every network here, pretraining included: RGB in [0, 1] normalised by
+# torchvision's ImageNet statistics, so a checkpoint's expected input never needs guessing.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_LAYERS = ("fc6", "fc7")
 ACTIVATIONS = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")

@@ -9,10 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Every network in this project sees RGB in [0, 1] normalised by torchvision's ImageNet
-# statistics (pretraining included), so a checkpoint's input convention never needs guessing.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 @dataclass

@@ -279,6 +279,46 @@ def config_dict(config) -> dict:
     return {f.name: plain(getattr(config, f.name)) for f in fields(config)} if is_dataclass(config) else dict(config)
 
 
+def _parse_value(key: str, text: str, current):
+    """``text`` read as the type of the field's current value (tuples: comma-separated)."""
+    if text.lower() == "none":
+        return None
+    if isinstance(current, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{key} expects true/false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else str
+        return tuple(_parse_value(key, item.strip(), kind()) for item in text.strip("()[] ").split(",") if item.strip())
+    if isinstance(current, int):
+        return int(float(text)) if "e" in text.lower() else int(text)  # 1e5 is a fine iteration count
+    if current is None:  # optional fields default to None: keep numbers as numbers
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    return type(current)(text)
+
+
+def parse_overrides(config, pairs: Sequence[str]) -> dict:
+    """``KEY=VALUE`` strings (the CLIs' ``--set``) as ``{field: typed value}`` for ``config``;
+    a ValueError names the bad pair."""
+    names = {f.name for f in fields(config)}
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
+        try:
+            changes[key] = _parse_value(key, value.strip(), getattr(config, key))
+        except ValueError as err:
+            raise ValueError(f"--set {pair!r}: {err}") from None
+    return changes
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -17,6 +17,7 @@ import json
 import sys
 
 from backbones.checkpoint import CheckpointError
+from evals.engine import config_dict, parse_overrides
 
 TASKS = {
     "voc07_cls": "evals.voc07_cls",
@@ -40,34 +41,12 @@ def task_module(task: str):
         raise
 
 
-def _parse_value(current, text: str):
-    """Parse ``text`` as the type of the field's current value (tuples: comma-separated)."""
-    if text.lower() == "none":
-        return None
-    if isinstance(current, bool):
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(current, tuple):
-        kind = type(current[0]) if current else str
-        return tuple(kind(v) for v in text.split(","))
-    if current is None:  # optional fields default to None: keep numbers as numbers
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-    return type(current)(text)
-
-
 def resolve_config(task: str, args: argparse.Namespace):
     """The preset's config with the command line's values on top."""
     module = task_module(task)
     if args.preset not in module.PRESETS:
         raise SystemExit(f"error: task {task} has no preset {args.preset!r}; choose from {sorted(module.PRESETS)}")
     config = module.PRESETS[args.preset]
-    names = {f.name for f in dataclasses.fields(config)}
     changes = {name: getattr(args, name) for name in
                ("ckpt", "data_root", "seed", "label", "supervision", "device", "workers", "work_dir", "results_dir")
                if getattr(args, name, None) is not None}
@@ -75,14 +54,10 @@ def resolve_config(task: str, args: argparse.Namespace):
         changes["resume"] = False
     if args.overwrite:
         changes["overwrite"] = True
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
-        try:
-            changes[key] = _parse_value(getattr(config, key), value)
-        except ValueError as err:
-            raise SystemExit(f"error: --set {item!r}: {err}") from None
+    try:
+        changes.update(parse_overrides(config, args.set or []))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     protocol_changes = sorted(k for k, v in changes.items()
                               if k not in OPERATIONAL_FIELDS and v != getattr(config, k))
     if protocol_changes:  # a run that departs from its preset must not be reported under its name
@@ -120,7 +95,6 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     module, config = resolve_config(args.task, args)
     if args.print_config:
-        from evals.engine import config_dict
         print(json.dumps({"task": args.task, "config": config_dict(config),
                           "chosen": list(getattr(module, "CHOSEN", ()))}, indent=2))
         return 0

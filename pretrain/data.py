@@ -34,11 +34,10 @@ import cv2
 import numpy as np
 import torch
 
+from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD  # the networks' input convention
 from pretrain.flow import decode_flow_png, normalize_flow
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "DEFAULT_SCALE_RANGE",
     "read_manifest",
     "augment_pair",
@@ -46,9 +45,6 @@ __all__ = [
     "FlowPairDataset",
 ]
 
-# ImageNet RGB statistics (torchvision's), for images scaled to [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALE_RANGE = (0.8, 1.25)  # not published (P1 says "scale"); project choice
 _PIXEL_SCALE = 1.0 / (255.0 * np.array(IMAGENET_STD, np.float32))
 _PIXEL_OFFSET = np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32)

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from backbones.checkpoint import atomic_torch_save
-from evals.engine import DistInfo, config_dict, pick_device, setup_distributed, training_loader
+from evals.engine import DistInfo, config_dict, parse_overrides, pick_device, setup_distributed, training_loader
 from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
 from pretrain.export import export
 from pretrain.loss import Sigma, cpfs_loss, direct_regression_loss
@@ -510,35 +510,9 @@ def train(config: Config) -> dict:
 
 # --- command line ----------------------------------------------------------------------------------
 
-def _parse_value(name: str, text: str, default):
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} expects true/false, got {text!r}")
-    if isinstance(default, tuple):
-        items = [t.strip() for t in text.strip("()[] ").split(",") if t.strip()]
-        kind = type(default[0]) if default else str
-        return tuple(kind(t.strip("'\"")) for t in items)
-    if isinstance(default, int):
-        return int(float(text)) if "e" in text.lower() else int(text)
-    if isinstance(default, float):
-        return float(text)
-    return text
-
-
 def apply_overrides(config: Config, pairs: list[str]) -> Config:
     """``KEY=VALUE`` strings onto ``config``; the value is read as the type of the current one."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    changes = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in names:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(names)}")
-        changes[key] = _parse_value(key, value.strip(), getattr(config, key))
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **parse_overrides(config, pairs))
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, FlowPairDataset
+from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data import FlowPairDataset
 from pretrain.flow import color_wheel_image, flow_to_color
 from pretrain.loss import embedding_kernel, flow_kernel
 from pretrain.model import load_pretrain_checkpoint
