@@ -17,6 +17,7 @@ import json
 import sys
 
 from backbones.checkpoint import CheckpointError
+from evals.datasets import DatasetError
 from evals.engine import config_dict, parse_overrides
 
 TASKS = {
@@ -29,7 +30,7 @@ TASKS = {
 
 # Fields that say where and how a run executes, not what protocol it follows.
 OPERATIONAL_FIELDS = {"ckpt", "data_root", "seed", "label", "supervision", "device", "workers", "work_dir",
-                      "results_dir", "resume", "overwrite", "checkpoint_every"}
+                      "results_dir", "resume", "overwrite", "checkpoint_every", "proposals_dir", "test_roi_chunk"}
 
 
 def task_module(task: str):
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         return 0
     try:
         metrics = module.run(config)
-    except CheckpointError as err:
+    except (CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     headline = {k: v for k, v in metrics.items() if k in ("mAP", "mIoU", "top1")}
