@@ -14,12 +14,10 @@ specifications" to a supplement that is not available): ``HIDDEN_WIDTH = 256`` i
 choice, small enough that the head costs a few percent of the AlexNet step
 (``benchmarks/bench_train_step.py``).
 
-The first MLP layer is linear and bilinear sampling is linear with weights summing to one, so
-``W [A_1(p); ...; A_n(p)] + b = b + sum_l W_l A_l(p) = b + sum_l (W_l A_l)(p)``: a layer whose
-map has fewer units than there are sampled pixels (conv3, pool5, fc7 at 512 pixels) is
-projected to the hidden width *before* sampling, the others are sampled first. The result is
-the same function as ``head(hypercolumn(...))`` (up to float rounding; tested) at a fraction of
-the cost: the 4096-wide fc7 column is never materialised per pixel.
+The MLP is :class:`backbones.hypercolumn.HypercolumnHead`, the same module as the segmentation
+head's: layers whose map has fewer units than there are sampled pixels (conv3, pool5, fc7 at 512
+pixels) are projected to the hidden width *before* sampling (exact, as the first layer and
+bilinear sampling are both linear), so the 4096-wide fc7 column is never materialised per pixel.
 
 Checkpoint layout (written by ``pretrain.train``): AlexNet weights under ``state_dict`` (what
 ``backbones.checkpoint`` reads and ``pretrain.export`` folds), the MLP under ``head``, the
@@ -36,7 +34,7 @@ from torch import nn
 
 from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import CheckpointError
-from backbones.hypercolumn import sparse_hypercolumn
+from backbones.hypercolumn import HypercolumnHead, layer_channels, sparse_hypercolumn
 
 __all__ = [
     "PRETRAIN_FORMAT",
@@ -59,55 +57,7 @@ NUM_BINS = 16  # P1, §4.5: 16 uniform bins per flow component
 LAYOUT = "caffenet"  # P1
 
 
-def layer_channels(backbone: AlexNet, name: str) -> int:
-    """Channels of activation ``name`` (``convK``/``poolK``: conv K's filters; ``fcK``: its units)."""
-    if name.startswith(("conv", "pool")):
-        return getattr(backbone, f"conv{name[-1]}").out_channels
-    if name in ("fc6", "fc7"):
-        return getattr(backbone, name).out_features
-    raise KeyError(f"no hypercolumn channels for layer {name!r}")
-
-
-class HypercolumnMLP(nn.Module):
-    """``Linear(sum C_l, hidden) -> ReLU -> [Dropout] -> Linear(hidden, out_dim)`` on a hypercolumn
-    (P1: "MLP with one hidden layer")."""
-
-    def __init__(self, channels: Mapping[str, int], hidden: int, out_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.layers = tuple(channels)
-        self.channels = tuple(int(c) for c in channels.values())
-        self.fc1 = nn.Linear(sum(self.channels), hidden)
-        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, hypercolumn: torch.Tensor) -> torch.Tensor:
-        """(B, N, sum C_l) -> (B, N, out_dim)."""
-        return self.fc2(self.drop(F.relu(self.fc1(hypercolumn))))
-
-    def forward_sampled(self, activations: Mapping[str, torch.Tensor], positions: torch.Tensor,
-                        geometry: Mapping[str, tuple[float, float]]) -> torch.Tensor:
-        """``forward(sparse_hypercolumn(activations, positions, geometry, layers))`` computed with the
-        first layer moved before the sampling wherever that is cheaper (module docstring)."""
-        num_points = positions.shape[1]
-        weights = dict(zip(self.layers, self.fc1.weight.split(self.channels, dim=1)))
-        sample_first = [l for l in self.layers if activations[l].shape[-2] * activations[l].shape[-1] >= num_points]
-        project_first = [l for l in self.layers if l not in sample_first]
-        # Sampling runs in float32 (positions up to 224 px with fractional offsets do not fit bf16).
-        positions = positions.float()
-        hidden = self.fc1.bias
-        if sample_first:
-            with torch.autocast(positions.device.type, enabled=False):
-                columns = sparse_hypercolumn({l: activations[l].float() for l in sample_first}, positions,
-                                             geometry, sample_first)
-            weight = torch.cat([weights[l] for l in sample_first], dim=1)
-            hidden = hidden + F.linear(columns, weight)
-        if project_first:
-            projected = {l: F.conv2d(activations[l], weights[l][:, :, None, None]) for l in project_first}
-            with torch.autocast(positions.device.type, enabled=False):
-                columns = sparse_hypercolumn({l: v.float() for l, v in projected.items()}, positions, geometry,
-                                             project_first)
-            hidden = hidden + columns.unflatten(-1, (len(project_first), -1)).sum(dim=-2)
-        return self.fc2(self.drop(F.relu(hidden)))
+HypercolumnMLP = HypercolumnHead  # the pretraining head is the shared hypercolumn head (P1)
 
 
 class _HypercolumnNet(nn.Module):
@@ -121,7 +71,7 @@ class _HypercolumnNet(nn.Module):
         self.layers = tuple(layers)
         self.geometry = layer_geometry(LAYOUT)
         channels = {name: layer_channels(self.backbone, name) for name in self.layers}
-        self.head = HypercolumnMLP(channels, hidden, out_dim, dropout)
+        self.head = HypercolumnHead(channels, hidden, out_dim, dropout)
         self._config = {"hidden": hidden, "layers": list(self.layers), "dropout": dropout,
                         "backbone_dropout": backbone_dropout}
 
