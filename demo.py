@@ -7,8 +7,9 @@
    KITTI PNGs (``pretrain.prepare``);
 3. pretraining of the CPFS model and of the direct-regression baseline at the ``demo`` presets,
    exported as plain AlexNets (``pretrain.train``), and the figures (``pretrain.visualize``);
-4. VOC07 classification and ImageNet linear probing of both checkpoints and of ``random``
-   (``evals.run`` at the ``demo`` preset);
+4. the four benchmarks (VOC07 classification and detection, VOC12 segmentation, ImageNet linear
+   probing) on both checkpoints and on ``random`` at the ``demo`` preset: the grid of
+   ``slurm/demo.yaml`` run with submitit's local executor (``slurm.submit --cluster local``);
 5. the Table 1 / Table 2 report with the paper's rows and these runs (``results.report``).
 
 Every stage skips work that is already done, so an interrupted demo continues where it stopped
@@ -28,7 +29,7 @@ from pathlib import Path
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
 CLIP_FRAMES = 30  # each sample video is cut into clips of this many frames (one "video" each)
 DEMO_CHECKPOINTS = ("cpfs", "direct", "random")
-DEMO_TASKS = ("voc07_cls", "in1k_linear")
+DEMO_TASKS = ("voc07_cls", "in1k_linear", "voc07_det", "voc12_seg")
 
 
 def sample_video_paths() -> list[Path]:
@@ -121,16 +122,16 @@ def stage_figures(args) -> None:
 
 
 def stage_evaluate(args) -> None:
-    from evals.run import main as run_main
-    for task in DEMO_TASKS:
-        for name in DEMO_CHECKPOINTS:
-            ckpt = "random" if name == "random" else str(args.out / "pretrain" / name / "alexnet_plain.pt")
-            print(f"--- {task} / {name}", flush=True)
-            code = run_main(["--task", task, "--preset", "demo", "--ckpt", ckpt, "--data-root", str(args.out / "data"),
-                             "--work-dir", str(args.out / "work"), "--results-dir", str(args.results_dir),
-                             "--workers", "1"])
-            if code != 0:
-                raise RuntimeError(f"{task} on {name} failed (exit {code})")
+    """The grid of slurm/demo.yaml (DEMO_TASKS x DEMO_CHECKPOINTS) with the local executor: the same
+    machinery as on a cluster; cells with a record are skipped, logs go to OUT/slurm_logs/."""
+    from slurm.grid import load_grid
+    from slurm.submit import submit
+    grid = load_grid(Path(__file__).resolve().parent / "slurm" / "demo.yaml",
+                     {"base": str(args.out.resolve()), "results_dir": str(args.results_dir.resolve())})
+    grid = grid.select(tasks=DEMO_TASKS, checkpoints=DEMO_CHECKPOINTS)
+    if submit(grid, cluster="local") != 0:
+        raise RuntimeError(f"some cells failed; see python -m slurm.status slurm/demo.yaml --set base={args.out} "
+                           f"--set results_dir={args.results_dir}")
 
 
 def stage_report(args) -> None:

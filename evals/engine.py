@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
@@ -124,6 +125,29 @@ def training_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, 
 
 # --- the training loop -----------------------------------------------------------------------------
 
+# Preemption: slurm.runner's SIGUSR2 handler sets PREEMPTION while a Trainer loop runs (TRAINING);
+# the loop then saves after the step in progress and raises Preempted, and the job requeues.
+PREEMPTION = threading.Event()
+TRAINING = threading.Event()
+
+
+class Preempted(Exception):
+    """Raised by a training loop (Trainer.run, pretrain.train) once it has saved a checkpoint
+    because PREEMPTION was set."""
+
+
+def preemption_requested(info: DistInfo) -> bool:
+    """Whether PREEMPTION is set on any rank (an all-reduce under DDP, so every rank stops after
+    the same step)."""
+    requested = PREEMPTION.is_set()
+    if info.world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([float(requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        requested = bool(flag.item())
+    return requested
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -189,6 +213,18 @@ class Trainer:
                    disable=not self.info.is_main, dynamic_ncols=True, mininterval=1.0)
         start, seen = time.monotonic(), 0
         self.model.train()
+        TRAINING.set()
+        try:
+            self._train_steps(loader, step_fn, samples_per_step, per_epoch, bar, start)
+        finally:
+            TRAINING.clear()
+            bar.close()
+        if self.writer:
+            self.writer.flush()
+        return state
+
+    def _train_steps(self, loader, step_fn, samples_per_step: int, per_epoch: int, bar, start: float) -> None:
+        state, seen = self.state, 0
         while state.step < self.total_steps:
             batch = next(loader)
             loss, logs = step_fn(batch)
@@ -216,12 +252,15 @@ class Trainer:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2g}",
                             img_s=f"{seen / max(time.monotonic() - start, 1e-9):.1f}", refresh=False)
             bar.update(1)
-            if state.step % self.checkpoint_every == 0 or state.step == self.total_steps:
+            saved = state.step % self.checkpoint_every == 0 or state.step == self.total_steps
+            if saved:
                 self.save()
-        bar.close()
-        if self.writer:
-            self.writer.flush()
-        return state
+            if preemption_requested(self.info):
+                if not saved:
+                    self.save()
+                raise Preempted(f"{self.description}: preemption requested; saved {self.checkpoint_path} "
+                                f"at step {state.step}")
+
 
 
 def step_lr(optimizer: torch.optim.Optimizer, step_size: int, gamma: float):

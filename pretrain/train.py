@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from backbones.checkpoint import atomic_torch_save
+from evals import engine
 from evals.engine import DistInfo, config_dict, parse_overrides, pick_device, setup_distributed, training_loader
 from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
 from pretrain.export import export
@@ -426,6 +427,7 @@ def train(config: Config) -> dict:
                disable=not (info.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
     start_step, start_time = state.step, time.monotonic()
     window_time, window_steps, loss_value = 0.0, 0, float("nan")
+    engine.TRAINING.set()  # slurm.runner defers SIGUSR2 to the end of the step in progress
     try:
         if state.stopped != "early_stopping" and state.step < config.max_steps:
             loader = iter(training_loader(EpochKeyed(train_set), per_rank, config.seed, config.workers,
@@ -471,6 +473,11 @@ def train(config: Config) -> dict:
                     run_validation()
                 if state.step % config.checkpoint_every == 0 or state.stopped:
                     save_last()
+                if engine.preemption_requested(info):  # SIGUSR2 under slurm.runner: save, then requeue
+                    if last_saved_step != state.step:
+                        save_last()
+                    raise engine.Preempted(f"pretrain {config.method}: preemption requested; saved {last_path} "
+                                           f"at step {state.step}")
             if not state.stopped:
                 state.stopped = "max_steps"
                 validated = val_loader is not None and state.last_val_step != state.step
@@ -479,6 +486,7 @@ def train(config: Config) -> dict:
                 if validated or last_saved_step != state.step:
                     save_last()
     finally:
+        engine.TRAINING.clear()
         bar.close()
         log.close()
     elapsed = time.monotonic() - start_time

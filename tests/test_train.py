@@ -117,6 +117,32 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted(data, straight, tmp_pat
     assert steps == sorted(steps) and steps.count(3) == 1  # the log continues, no duplicates
 
 
+def test_preemption_saves_after_the_step_in_progress_and_resume_matches(data, straight, tmp_path, monkeypatch):
+    from evals import engine
+    calls = {"n": 0}
+    real_loss = pretrain_train.cpfs_loss
+
+    def preempted_during_step_3(*args):  # what slurm.runner's SIGUSR2 handler does mid-step
+        calls["n"] += torch.is_grad_enabled()  # training steps only, not validation
+        if calls["n"] == 3:
+            engine.PREEMPTION.set()
+        return real_loss(*args)
+
+    monkeypatch.setattr(pretrain_train, "cpfs_loss", preempted_during_step_3)
+    try:
+        with pytest.raises(engine.Preempted, match="at step 3"):  # checkpoints are every 2 steps
+            train(tiny(data, tmp_path))
+    finally:
+        engine.PREEMPTION.clear()
+    assert not engine.TRAINING.is_set()
+    assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["state"]["step"] == 3
+    monkeypatch.setattr(pretrain_train, "cpfs_loss", real_loss)
+    assert train(tiny(data, tmp_path, resume=True))["steps_this_run"] == 1
+    _, a = _tensors(straight[0] / "last.pt")
+    _, b = _tensors(tmp_path / "last.pt")
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = pretrain_train.cpfs_loss
