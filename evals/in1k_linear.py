@@ -85,14 +85,10 @@ def assert_frozen(backbone: nn.Module, expected: str) -> None:
 
 
 def run(config: Config) -> dict:
-    info = engine.setup_distributed()
-    device = engine.pick_device(config.device, info)
-    torch.manual_seed(config.seed)
-    start = engine.now()
-    loaded = engine.load_for_eval(config.ckpt, config.seed, num_classes=None, new_head=False, layout=config.layout)
-    finished = engine.finished_metrics(TASK, loaded, config)
-    if finished is not None:
-        return finished
+    begun = engine.begin_run(TASK, config, num_classes=None, new_head=False)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
     root = Path(config.data_root) / "imagenet"
     train_set, test_set = ImageNetDataset(root, config.train_split), ImageNetDataset(root, config.test_split)
     num_classes = len(train_set.classes)

@@ -84,8 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", help="results store (default: results/runs or $CPFS_RESULTS_DIR)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a training checkpoint exists")
     parser.add_argument("--overwrite", action="store_true", help="redo and replace an existing finished record")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set iterations=500 (repeatable)")
+    parser.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set iterations=500 lr=0.01 (repeatable)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON (values the protocol leaves unpublished are "
                              "listed under 'chosen') and exit")

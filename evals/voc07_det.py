@@ -398,15 +398,10 @@ def build_model(config: Config, loaded) -> FastRCNN:
 
 
 def run(config: Config) -> dict:
-    info = engine.setup_distributed()
-    device = engine.pick_device(config.device, info)
-    torch.manual_seed(config.seed)
-    start = engine.now()
-    loaded = engine.load_for_eval(config.ckpt, config.seed, num_classes=None, new_head=True, layout=config.layout,
-                                  dropout=config.dropout)
-    finished = engine.finished_metrics(TASK, loaded, config)
-    if finished is not None:
-        return finished
+    begun = engine.begin_run(TASK, config, num_classes=None, new_head=True, dropout=config.dropout)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
     voc_root = Path(config.data_root) / "VOCdevkit" / "VOC2007"
     train_annotations = detection_annotations(voc_root, config.train_split)
     test_annotations = detection_annotations(voc_root, config.test_split)

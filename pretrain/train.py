@@ -552,8 +552,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder for checkpoints and logs (default work_dirs/pretrain/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt if it exists")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
-                   help="override config fields, e.g. --set max_steps=500 scale_range=0.8,1.25")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set max_steps=500 scale_range=0.8,1.25 (repeatable)")
     p.add_argument("--workers", type=int, help="data loader worker processes per rank")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and augmentation")

