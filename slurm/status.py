@@ -6,9 +6,9 @@
 Otherwise the job recorded for it in ``<log_dir>/cells.json`` decides: *pending* / *running*
 from ``squeue`` (a requeued job is pending again), *failed* once the job has left the queue
 without a record (submitit's result file holds the error; ``sacct`` adds the final state where
-the cluster keeps accounting), *unsubmitted* when no job was ever recorded for it, *waiting* while its checkpoint file does
-not exist yet (pretraining still to run; such cells are never submitted). Local jobs
-(``--cluster local``) are checked by their process id.
+the cluster keeps accounting), *unsubmitted* when no job was ever recorded for it, *waiting*
+while its checkpoint file does not exist yet (pretraining still to run; never submitted).
+Local jobs (``--cluster local``) are checked by their process id.
 """
 from __future__ import annotations
 

