@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pretrain.flow import normalize_flow  # noqa: E402
 from pretrain.loss import cpfs_loss  # noqa: E402
+from pretrain.loss_reference import transcribed_cpfs_loss as per_pair_loss  # noqa: E402
 
 
 def per_image_loss(emb, flows, sigma2):
@@ -55,26 +56,6 @@ def per_pixel_loss(emb, flows, sigma2):
             log_s_phi_off = k_phi[off] - torch.log(z_phi)
             log_s_phi_diag = -0.75 - torch.log(z_phi)
             L = L - (s_f_off * log_s_phi_off).sum() - s_f_diag * log_s_phi_diag  # eq. (3)
-        total = total + L / N
-    return total / B
-
-
-def per_pair_loss(emb, flows, sigma2):
-    """Eqs. (2)-(5) with scalar loops over p and q (the tests' transcription)."""
-    B, N, _ = emb.shape
-    total = 0.0
-    for b in range(B):
-        phi, f = emb[b], flows[b]
-        K_phi = [[0.25 * (phi[p] @ phi[q]) / (phi[p].norm() * phi[q].norm()) for q in range(N)] for p in range(N)]
-        K_f = [[torch.exp(-((f[p] - f[q]) ** 2).sum() / (2 * sigma2)) for q in range(N)] for p in range(N)]
-        L = 0.0
-        for p in range(N):
-            Z_f = sum(torch.exp(K_f[p][q]) for q in range(N) if q != p) + 1.0
-            Z_phi = sum(torch.exp(K_phi[p][q]) for q in range(N) if q != p) + math.exp(-0.75)
-            for q in range(N):
-                S_f = 1.0 / Z_f if p == q else torch.exp(K_f[p][q]) / Z_f
-                S_phi = math.exp(-0.75) / Z_phi if p == q else torch.exp(K_phi[p][q]) / Z_phi
-                L = L - S_f * torch.log(S_phi)
         total = total + L / N
     return total / B
 

@@ -123,6 +123,13 @@ def training_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, 
                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
+
+def loader_factory(dataset: Dataset, batch_size: int, config, info: DistInfo, collate_fn=None):
+    """``make_loader(epoch, offset)`` for :meth:`Trainer.run`: :func:`training_loader` with the
+    harness config's seed and worker count."""
+    return lambda epoch, offset: training_loader(dataset, batch_size, config.seed, config.workers, epoch, offset,
+                                                 info, collate_fn=collate_fn)
+
 # --- the training loop -----------------------------------------------------------------------------
 
 # Preemption: slurm.runner's SIGUSR2 handler sets PREEMPTION while a Trainer loop runs (TRAINING);

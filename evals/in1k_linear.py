@@ -116,8 +116,7 @@ def run(config: Config) -> dict:
     train_data = engine.Augmented(train_set, transform, config.seed)
     per_rank_batch = config.batch_size // info.world_size
 
-    def make_loader(epoch, offset):
-        return engine.training_loader(train_data, per_rank_batch, config.seed, config.workers, epoch, offset, info)
+    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info)
 
     def step_fn(batch):
         images, targets = batch

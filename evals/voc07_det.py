@@ -446,9 +446,7 @@ def run(config: Config) -> dict:
     train_data = engine.Augmented(train_set, transform, config.seed)
     per_rank_batch = max(1, config.ims_per_batch // info.world_size)
 
-    def make_loader(epoch, offset):
-        return engine.training_loader(train_data, per_rank_batch, config.seed, config.workers, epoch, offset, info,
-                                      collate_fn=collate_images)
+    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info, collate_fn=collate_images)
 
     def step_fn(batch):
         cls_logits, deltas = net(batch["images"].to(device), batch["rois"].to(device))

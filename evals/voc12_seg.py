@@ -316,8 +316,7 @@ def run(config: Config) -> dict:
 
     train_data = engine.Augmented(train_set, sample, config.seed)
 
-    def make_loader(epoch, offset):
-        return engine.training_loader(train_data, per_rank_batch, config.seed, config.workers, epoch, offset, info)
+    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info)
 
     def make_trainer(stage: int, params, lr: float, factor, steps: int):
         net = DistributedDataParallel(model) if info.world_size > 1 else model  # registers trainable params only

@@ -100,16 +100,21 @@ def encode_flow_png(path: str | os.PathLike, flow: np.ndarray, valid: np.ndarray
     into place with ``os.replace``, so a reader never sees a half-written PNG
     under ``path``.
     """
+    # OpenCV's PNG writer keeps 16 bits; R = u, G = v, B = valid (KITTI's channel order).
+    write_image_atomic(path, flow_to_png_array(flow, valid), what="flow PNG")
+
+
+def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray, params: tuple = (), what: str = "image") -> None:
+    """``cv2.imwrite`` of an RGB array (8 or 16 bit) to a temporary name beside ``path`` (same
+    suffix, which picks the encoder), then ``os.replace``: a reader never sees a half-written file."""
     path = os.fspath(path)
-    rgb = flow_to_png_array(flow, valid)
     directory = os.path.dirname(os.path.abspath(path))
-    # The '.png' suffix tells cv2.imwrite which encoder to use.
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp.png", dir=directory)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=directory)
     os.close(fd)
     try:
-        # OpenCV stores channels as BGR: reverse so that R = u, G = v, B = valid.
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1])):
-            raise OSError(f"{path}: cv2.imwrite failed to write the flow PNG")
+        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1]), list(params)):  # OpenCV wants BGR
+            raise OSError(f"{path}: cv2.imwrite failed to write the {what}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -42,7 +42,6 @@ __all__ = [
     "EMBEDDING_DIM",
     "HIDDEN_WIDTH",
     "NUM_BINS",
-    "HypercolumnMLP",
     "CPFSNet",
     "DirectRegressionNet",
     "build_model",
@@ -55,9 +54,6 @@ EMBEDDING_DIM = 16  # P1, §4.1: D = 16
 HIDDEN_WIDTH = 256  # not published (supplement unavailable): project choice, see module docstring
 NUM_BINS = 16  # P1, §4.5: 16 uniform bins per flow component
 LAYOUT = "caffenet"  # P1
-
-
-HypercolumnMLP = HypercolumnHead  # the pretraining head is the shared hypercolumn head (P1)
 
 
 class _HypercolumnNet(nn.Module):

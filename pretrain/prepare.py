@@ -84,13 +84,13 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 
 import av
 import cv2
 import numpy as np
 
-from pretrain.flow import decode_flow_png, encode_flow_png
+from pretrain.flow import decode_flow_png, encode_flow_png, write_image_atomic
+from results.store import write_text_atomic
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -154,35 +154,8 @@ class VideoError(Exception):
 # --------------------------------------------------------------------------- #
 # Small file helpers: atomic writes
 # --------------------------------------------------------------------------- #
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_jpeg(path: str, rgb: np.ndarray, quality: int = JPEG_QUALITY) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp.jpg", dir=directory)
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality]):
-            raise OSError(f"{path}: cv2.imwrite failed to write the JPEG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def _listdir_names(directory: str) -> set[str]:
@@ -354,7 +327,7 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
                 encode_flow_png(flow_path, compute_flow(rgb0, rgb1, settings["method"]))
                 did = True
             if force or not os.path.exists(frame_path):
-                _atomic_write_jpeg(frame_path, rgb0)
+                write_image_atomic(frame_path, rgb0, (cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY), what="JPEG")
                 did = True
             written += did
             reused += not did
@@ -365,7 +338,7 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
                 "frame_path": frame_rel, "flow_path": flow_rel, "flow_method": settings["method"],
             })
         # The marker goes last: its existence certifies every file above.
-        _atomic_write_text(done_path, json.dumps({"video": os.path.abspath(path), "video_key": key,
+        write_text_atomic(done_path, json.dumps({"video": os.path.abspath(path), "video_key": key,
                                                   "settings": settings, "records": records}, sort_keys=True))
         if os.path.exists(error_path):
             os.remove(error_path)
@@ -374,7 +347,7 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
         reason = str(e)
     except Exception as e:  # noqa: BLE001 -- any per-video failure is reported, not fatal
         reason = f"{type(e).__name__}: {e}"
-    _atomic_write_text(error_path, json.dumps({"video": os.path.abspath(path), "video_key": key, "reason": reason}))
+    write_text_atomic(error_path, json.dumps({"video": os.path.abspath(path), "video_key": key, "reason": reason}))
     return {"key": key, "status": "error", "written": 0, "reused": 0, "reason": reason, "video": path}
 
 

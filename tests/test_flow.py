@@ -226,7 +226,7 @@ def test_encode_is_atomic(tmp_path, monkeypatch):
     encode_flow_png(path, np.ones((3, 3, 2)))
     before = path.read_bytes()
 
-    def half_write(name, img):
+    def half_write(name, img, *params):
         with open(name, "wb") as fh:
             fh.write(b"\x89PNG partial")
         raise KeyboardInterrupt  # interrupted mid-write
@@ -237,7 +237,7 @@ def test_encode_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before  # old file untouched
     assert os.listdir(tmp_path) == ["f.png"]  # temporary cleaned up
 
-    monkeypatch.setattr(flowlib.cv2, "imwrite", lambda name, img: False)
+    monkeypatch.setattr(flowlib.cv2, "imwrite", lambda name, img, *params: False)
     with pytest.raises(OSError, match="f.png"):
         encode_flow_png(path, np.zeros((3, 3, 2)))
     assert os.listdir(tmp_path) == ["f.png"]
