@@ -19,8 +19,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,6 +26,9 @@ from typing import Mapping, Sequence
 import torch
 
 from backbones.alexnet import AlexNet, AlexNetArch, fold_batchnorm
+from runtime.atomic import atomic_torch_save  # noqa: F401  (re-exported)
+from runtime.errors import CheckpointError  # noqa: F401  (re-exported)
+from runtime.safe_load import safe_torch_load
 
 FORMAT_PREFIX = "cpfs-bench/"
 EXPORT_FORMAT = "cpfs-bench/alexnet"
@@ -37,14 +38,6 @@ TORCHVISION_KEYS = {
     "features.0": "conv1", "features.3": "conv2", "features.6": "conv3", "features.8": "conv4",
     "features.10": "conv5", "classifier.1": "fc6", "classifier.4": "fc7", "classifier.6": "fc8",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
-
-    def __init__(self, source: str | os.PathLike, problem: str):
-        self.source, self.problem = str(source), problem
-        super().__init__(f"{source}: {problem}")
 
 
 @dataclass
@@ -75,21 +68,7 @@ def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 # --- reading ---------------------------------------------------------------------------------------
 
 def _torch_load(path: Path):
-    if not path.exists():
-        raise CheckpointError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "empty file, not a checkpoint")
-    with open(path, "rb") as handle:
-        is_zip_container = handle.read(4) == b"PK\x03\x04"  # torch.save's format since 1.6
-    if is_zip_container and not zipfile.is_zipfile(path):
-        raise CheckpointError(path, "truncated or corrupt checkpoint (zip archive has no central directory)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types here; all mean the same to the user
-        first = (str(err).strip().splitlines() or [""])[0][:200] or type(err).__name__
-        if is_zip_container or isinstance(err, EOFError):
-            raise CheckpointError(path, f"truncated or corrupt checkpoint ({first})") from None
-        raise CheckpointError(path, f"not a PyTorch checkpoint ({type(err).__name__}: {first})") from None
+    return safe_torch_load(path)
 
 
 def _strip_prefix(state: Mapping, prefix: str) -> dict:
@@ -245,23 +224,6 @@ def random_backbone(seed: int, *, layout: str = "caffenet", num_classes: int | N
 
 
 # --- writing ---------------------------------------------------------------------------------------
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def save_backbone(model: AlexNet, path: str | os.PathLike, meta: Mapping | None = None) -> str:
     """Write ``model`` as a plain cpfs-bench AlexNet checkpoint; returns its fingerprint."""

@@ -72,7 +72,3 @@ def center_crop(image: Image.Image, crop: int) -> torch.Tensor:
     width, height = image.size
     x0, y0 = (width - crop) // 2, (height - crop) // 2
     return to_tensor(image.crop((x0, y0, x0 + crop, y0 + crop)))
-
-
-def work_dir_for(config: CommonConfig, task: str, fingerprint: str) -> Path:
-    return Path(config.work_dir) / task / config.preset / f"{fingerprint[:16]}-seed{config.seed}"

@@ -23,8 +23,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from backbones.checkpoint import LoadedBackbone, atomic_torch_save, load_backbone, random_backbone
+from backbones.checkpoint import LoadedBackbone, load_backbone, random_backbone
 from results import store
+from runtime.atomic import atomic_torch_save, remove_stale_temps
+from runtime.errors import CheckpointError, RunError
+from runtime.safe_load import safe_torch_load
 
 # --- distributed -----------------------------------------------------------------------------------
 
@@ -171,13 +174,18 @@ class Trainer:
 
     def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, total_steps: int,
                  work_dir: Path, checkpoint_every: int, log_every: int = 20, grad_clip: float | None = None,
-                 info: DistInfo = DistInfo(), description: str = "train", trainable: Sequence | None = None):
+                 info: DistInfo = DistInfo(), description: str = "train", trainable: Sequence | None = None,
+                 identity: Mapping | None = None):
+        """``identity``: what makes this run this run (:func:`run_identity`); stored in every checkpoint
+        and compared on resume, so a checkpoint of another configuration is never continued."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.identity = dict(identity) if identity is not None else None
         self.total_steps, self.work_dir = total_steps, Path(work_dir)
         self.checkpoint_every, self.log_every, self.grad_clip = checkpoint_every, log_every, grad_clip
         self.info, self.description = info, description
         self.trainable = list(trainable) if trainable is not None else [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, if any
         self.writer = None
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -193,19 +201,29 @@ class Trainer:
         module = getattr(self.model, "module", self.model)
         atomic_torch_save({"model": module.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                           "state": asdict(self.state), "torch_rng": torch.get_rng_state()}, self.checkpoint_path)
+                           "state": asdict(self.state), "torch_rng": torch.get_rng_state(),
+                           "run": self.identity}, self.checkpoint_path)
+        self._saved_step = self.state.step
 
     def resume(self) -> bool:
         """Restore the last checkpoint if there is one; returns whether it did."""
+        remove_stale_temps(self.work_dir)  # what an interrupted save left behind
         if not self.checkpoint_path.exists():
             return False
-        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        ckpt = safe_torch_load(self.checkpoint_path)  # never executes code from the file
+        hint = "start over with --no-resume, or use another --work-dir"
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "state", "torch_rng"} <= set(ckpt):
+            raise CheckpointError(self.checkpoint_path, f"not a training checkpoint of this project; {hint}")
+        if self.identity is not None and ckpt.get("run") != self.identity:
+            raise RunError(f"{self.checkpoint_path}: saved by a different run "
+                           f"({identity_difference(ckpt.get('run'), self.identity)}); {hint}")
         getattr(self.model, "module", self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler and ckpt["scheduler"]:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
         torch.set_rng_state(ckpt["torch_rng"])
+        self._saved_step = self.state.step
         return True
 
     def run(self, make_loader: Callable[[int, int], DataLoader], step_fn: Callable, samples_per_step: int,
@@ -236,8 +254,10 @@ class Trainer:
             batch = next(loader)
             loss, logs = step_fn(batch)
             if not torch.isfinite(loss):
+                last = (f"last good checkpoint: {self.checkpoint_path} (step {self._saved_step})"
+                        if self._saved_step is not None else "no checkpoint was written before it")
                 raise FloatingPointError(f"{self.description}: loss is {loss.item()} at step {state.step + 1}; "
-                                         f"last good checkpoint: {self.checkpoint_path}")
+                                         f"{last}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip:
@@ -365,6 +385,61 @@ def parse_overrides(config, pairs: Sequence[str]) -> dict:
     return changes
 
 
+# --- configuration checks --------------------------------------------------------------------------
+
+# Numeric fields that may be 0 (or any sign); every other int/float field of a harness config must be
+# > 0: iteration counts, batch sizes, crops, learning rates, scales, thresholds.
+NON_NEGATIVE = frozenset({"seed", "workers", "weight_decay", "momentum", "dropout", "head_dropout",
+                          "score_threshold", "sample_border", "example_images", "fg_fraction"})
+ANY_VALUE = frozenset({"head_init_bias"})
+BELOW_ONE = frozenset({"momentum", "dropout", "head_dropout", "fg_fraction"})
+RANGES = frozenset({"scale_range", "bg_range"})  # (low, high) with low < high
+
+
+def validate_config(config, choices: Mapping[str, Sequence] = (), lengths: Mapping[str, int] = (),
+                    minimum: Mapping[str, float] = ()) -> None:
+    """Refuse, before anything runs, a config that cannot work: ConfigError naming the field and value.
+
+    ``choices``: allowed values of a field (each element, for tuples); ``lengths``: exact tuple lengths;
+    ``minimum``: smallest allowed values (e.g. a crop AlexNet can still take).
+    """
+    from runtime.errors import ConfigError
+
+    def bad(name, value, why):
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+    choices, lengths, minimum = dict(choices), dict(lengths), dict(minimum)
+    for f in fields(config):
+        name, value = f.name, getattr(config, f.name)
+        if value is None or isinstance(value, (bool, str)) or name in ANY_VALUE:
+            pass
+        elif isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                bad(name, value, "must be a finite number")
+            if name in NON_NEGATIVE and value < 0:
+                bad(name, value, "must be >= 0")
+            if name not in NON_NEGATIVE and value <= 0:
+                bad(name, value, "must be > 0")
+            if name in BELOW_ONE and value >= 1:
+                bad(name, value, "must be < 1")
+        elif isinstance(value, tuple):
+            if not value:
+                bad(name, value, "must not be empty")
+            numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if any(not math.isfinite(v) or v < 0 or (v == 0 and name not in RANGES) for v in numbers):
+                bad(name, value, "every value must be > 0")
+            if name in RANGES and (len(value) != 2 or not value[0] < value[1]):
+                bad(name, value, "must be two numbers (low, high) with low < high")
+        if name in minimum and value < minimum[name]:
+            bad(name, value, f"must be at least {minimum[name]}")
+        if name in lengths and len(value) != lengths[name]:
+            bad(name, value, f"must have {lengths[name]} values")
+        if name in choices:
+            for item in value if isinstance(value, tuple) else (value,):
+                if item not in choices[name]:
+                    bad(name, value, f"{item!r} is not one of {list(choices[name])}")
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -373,15 +448,51 @@ def results_dir_of(config) -> Path:
     return Path(config.results_dir) if config.results_dir else store.default_results_dir()
 
 
-def finished_metrics(task: str, loaded: LoadedBackbone, config) -> dict | None:
-    """The metrics of an already finished record for (task, fingerprint, seed, preset), unless
-    ``config.overwrite``: re-running a grid then only runs what is missing."""
-    results_dir = results_dir_of(config)
-    if config.overwrite or not store.record_exists(results_dir, task, loaded.fingerprint, config.seed, config.preset):
+# Fields that say where and how a run executes, not what protocol it follows: they do not enter a
+# run's identity and changing them keeps the preset's name.
+OPERATIONAL_FIELDS = frozenset({
+    "ckpt", "data_root", "seed", "label", "supervision", "device", "workers", "work_dir", "results_dir",
+    "resume", "overwrite", "checkpoint_every", "proposals_dir", "test_roi_chunk", "test_chunk", "preset"})
+
+
+def protocol_values(config) -> dict:
+    """The config values that change a run's result (everything but :data:`OPERATIONAL_FIELDS`)."""
+    return {k: v for k, v in config_dict(config).items() if k not in OPERATIONAL_FIELDS}
+
+
+def run_identity(task: str, config, splits: Mapping[str, Sequence[str]]) -> dict:
+    """Everything that makes two runs of one checkpoint and seed give different results besides the
+    weights: the task, the protocol values and the data (a hash of the split id lists)."""
+    return {"task": task, "protocol": protocol_values(config), "split_hash": store.split_hash(splits)}
+
+
+def identity_difference(saved, wanted: Mapping) -> str:
+    """What differs between two run identities, for an error message: the fields with both values."""
+    if not isinstance(saved, Mapping):
+        return "it records no run identity (written by an older version)"
+    parts = []
+    if saved.get("task") != wanted.get("task"):
+        parts.append(f"task {saved.get('task')!r} vs {wanted.get('task')!r}")
+    old, new = saved.get("protocol") or {}, wanted.get("protocol") or {}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            parts.append(f"{key}: {old.get(key, '<absent>')!r} there, {new.get(key, '<absent>')!r} now")
+    if saved.get("split_hash") != wanted.get("split_hash"):
+        parts.append("the data's split lists differ")
+    return "; ".join(parts) or "identities differ"
+
+
+def finished_metrics(task: str, loaded: LoadedBackbone, config, key: str) -> dict | None:
+    """The metrics of an already finished record of this very run (same checkpoint, seed, preset,
+    protocol values and data), unless ``config.overwrite``: re-running a grid only runs what is missing."""
+    path = store.record_path(results_dir_of(config), task, loaded.fingerprint, config.seed, config.preset, key)
+    if config.overwrite or not path.is_file():
         return None
-    path = store.record_path(results_dir, task, loaded.fingerprint, config.seed, config.preset)
+    record = store.load_record(path)
+    if record.get("run_key") != key:  # cannot happen unless the file was renamed by hand
+        raise RunError(f"{path}: holds run {record.get('run_key')!r}, not {key!r}; move it away or pass --overwrite")
     print(f"[{task}] a finished record exists, skipping (pass --overwrite to redo it): {path}")
-    return store.load_record(path)["metrics"]
+    return record["metrics"]
 
 
 @dataclass
@@ -392,29 +503,39 @@ class RunStart:
     start: datetime
     loaded: LoadedBackbone
     finished: dict | None  # the metrics of an existing record: the harness returns them at once
+    identity: dict         # run_identity(): stored in training checkpoints and compared on resume
+    key: str               # store.run_key(identity): in the record's and the work folder's names
+    work_dir: Path         # this run's training checkpoints and TensorBoard logs
 
 
-def begin_run(task: str, config, *, num_classes: int | None, new_head: bool, **load_kwargs) -> RunStart:
-    """DDP setup, device, seed, the start time, the checkpoint, and the finished record if any."""
+def begin_run(task: str, config, *, splits: Mapping[str, Sequence[str]], num_classes: int | None,
+              new_head: bool, **load_kwargs) -> RunStart:
+    """DDP setup, device, seed, the start time, the checkpoint, the run's identity, and the
+    finished record if any. ``splits``: the id lists the run reads (its data identity)."""
     info = setup_distributed()
     device = pick_device(config.device, info)
     torch.manual_seed(config.seed)
     start = now()
     loaded = load_for_eval(config.ckpt, config.seed, num_classes=num_classes, new_head=new_head,
                            layout=config.layout, **load_kwargs)
-    return RunStart(info, device, start, loaded, finished_metrics(task, loaded, config))
+    identity = run_identity(task, config, splits)
+    key = store.run_key(identity)
+    work_dir = Path(config.work_dir) / task / config.preset / f"{loaded.fingerprint[:16]}-{key}-seed{config.seed}"
+    return RunStart(info, device, start, loaded, finished_metrics(task, loaded, config, key), identity, key, work_dir)
 
 
-def save_record(*, task: str, metrics: Mapping, metric_definitions: Mapping, loaded: LoadedBackbone,
-                config, label: str | None, supervision: str | None, seed: int, preset: str,
-                splits: Mapping[str, Sequence[str]], device: torch.device, start: datetime) -> Path:
+def save_record(*, task: str, metrics: Mapping, metric_definitions: Mapping, begun: RunStart, config,
+                splits: Mapping[str, Sequence[str]]) -> Path:
     """Build the record (results.store schema) and write it atomically."""
+    loaded = begun.loaded
     record = store.make_record(
-        task, dict(metrics), label=label or default_label(loaded),
-        supervision=supervision or default_supervision(loaded), fingerprint=loaded.fingerprint, seed=seed,
-        preset=preset, config=config_dict(config),
-        provenance=store.provenance(str(device), start, now(), splits),
+        task, dict(metrics), label=config.label or default_label(loaded),
+        supervision=config.supervision or default_supervision(loaded), fingerprint=loaded.fingerprint,
+        seed=config.seed, preset=config.preset, config=config_dict(config),
+        provenance=store.provenance(str(begun.device), begun.start, now(), splits),
         metric_definitions=dict(metric_definitions))
+    record["run_key"] = begun.key
+    record["run_identity"] = begun.identity
     record["checkpoint"] = {"source": loaded.source, "format": loaded.source_format, "load_report": {
         k: v for k, v in loaded.report.items() if k != "loaded"}}
     return store.write_record(record, results_dir_of(config), overwrite=config.overwrite)

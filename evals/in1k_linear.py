@@ -8,6 +8,7 @@ at the end asserts that its weights did not change. Top-1 per layer on the valid
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,12 @@ from tqdm import tqdm
 
 from backbones.checkpoint import fingerprint
 from evals import engine, metrics
-from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter, work_dir_for
+from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
 from evals.datasets.imagenet import ImageNetDataset
 
 TASK = "in1k_linear"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+CHECKS = {"lengths": {"pool_sizes": len(LAYERS)}, "minimum": {"crop": 64}}
 
 
 @dataclass
@@ -84,13 +86,23 @@ def assert_frozen(backbone: nn.Module, expected: str) -> None:
                                    f"(fingerprint {expected[:16]} -> {actual[:16]}); the probe is invalid")
 
 
-def run(config: Config) -> dict:
-    begun = engine.begin_run(TASK, config, num_classes=None, new_head=False)
-    if begun.finished is not None:
-        return begun.finished
-    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
+def load_data(config: Config) -> tuple[ImageNetDataset, ImageNetDataset, dict]:
+    """The train and val sets and their file lists relative to the root (the run's data identity:
+    the same files elsewhere are the same data)."""
     root = Path(config.data_root) / "imagenet"
     train_set, test_set = ImageNetDataset(root, config.train_split), ImageNetDataset(root, config.test_split)
+    splits = {name: [os.path.relpath(p, root) for p, _ in data.samples]
+              for name, data in ((config.train_split, train_set), (config.test_split, test_set))}
+    return train_set, test_set, splits
+
+
+def run(config: Config) -> dict:
+    engine.validate_config(config, **CHECKS)
+    train_set, test_set, splits = load_data(config)
+    begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=False)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, loaded = begun.info, begun.device, begun.loaded
     num_classes = len(train_set.classes)
 
     backbone = loaded.model.to(device).eval()
@@ -104,8 +116,8 @@ def run(config: Config) -> dict:
                                 weight_decay=config.weight_decay)
     scheduler = engine.multistep_lr(optimizer, config.lr_milestones, config.lr_gamma)
     trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
-                             work_dir=work_dir_for(config, TASK, loaded.fingerprint),
-                             checkpoint_every=config.checkpoint_every, info=info, description=TASK)
+                             work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every, info=info,
+                             description=TASK, identity=begun.identity)
     if config.resume and trainer.resume():
         print(f"[{TASK}] resumed from {trainer.checkpoint_path} at step {trainer.state.step}")
 
@@ -155,9 +167,6 @@ def run(config: Config) -> dict:
               "model_selection": "none: fixed schedule, last iterate evaluated once on the val split"}
     path = engine.save_record(task=TASK, metrics=result, metric_definitions={
         "top1": "fraction of val images whose highest-scoring class is the label, percent, per layer"},
-        loaded=loaded, config=config, label=config.label, supervision=config.supervision, seed=config.seed,
-        preset=config.preset, splits={config.train_split: [str(p) for p, _ in train_set.samples],
-                                      config.test_split: [str(p) for p, _ in test_set.samples]},
-        device=device, start=start)
+        begun=begun, config=config, splits=splits)
     print(f"[{TASK}] top-1 " + " ".join(f"{k} {v:.1f}" for k, v in result["top1"].items()) + f"; record: {path}")
     return result

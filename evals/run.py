@@ -16,9 +16,10 @@ import importlib
 import json
 import sys
 
-from backbones.checkpoint import CheckpointError
-from evals.datasets import DatasetError
-from evals.engine import config_dict, parse_overrides
+from results.store import RecordExistsError
+from runtime.atomic import NoSpaceError
+from runtime.errors import CheckpointError, ConfigError, DatasetError, RunError, one_line
+from evals.engine import OPERATIONAL_FIELDS, config_dict, parse_overrides
 
 TASKS = {
     "voc07_cls": "evals.voc07_cls",
@@ -28,9 +29,9 @@ TASKS = {
 }
 
 
-# Fields that say where and how a run executes, not what protocol it follows.
-OPERATIONAL_FIELDS = {"ckpt", "data_root", "seed", "label", "supervision", "device", "workers", "work_dir",
-                      "results_dir", "resume", "overwrite", "checkpoint_every", "proposals_dir", "test_roi_chunk"}
+# What a user's input or environment can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (CheckpointError, DatasetError, ConfigError, RunError, RecordExistsError, NoSpaceError,
+               FileNotFoundError, FloatingPointError)
 
 
 def task_module(task: str):
@@ -56,9 +57,12 @@ def resolve_config(task: str, args: argparse.Namespace):
     if args.overwrite:
         changes["overwrite"] = True
     try:
-        changes.update(parse_overrides(config, args.set or []))
+        overrides = parse_overrides(config, args.set or [])
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if "preset" in overrides:
+        raise SystemExit("error: --set preset=...: choose the preset with --preset (a changed value marks it +custom)")
+    changes.update(overrides)
     protocol_changes = sorted(k for k, v in changes.items()
                               if k not in OPERATIONAL_FIELDS and v != getattr(config, k))
     if protocol_changes:  # a run that departs from its preset must not be reported under its name
@@ -101,8 +105,8 @@ def main(argv=None) -> int:
         return 0
     try:
         metrics = module.run(config)
-    except (CheckpointError, DatasetError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # one line naming the file or setting; never a traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     headline = {k: v for k, v in metrics.items() if k in ("mAP", "mIoU", "top1")}
     print(json.dumps({"task": args.task, **headline}, indent=None, default=float))

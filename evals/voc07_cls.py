@@ -18,11 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from evals import engine, metrics
-from evals.common import CommonConfig, random_scaled_view, work_dir_for
+from evals.common import CommonConfig, random_scaled_view
 from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset
 
 TASK = "voc07_cls"
 TRAIN_LAYERS = {"all": None, "fc6-8": ("fc6", "fc7", "fc8"), "fc8": ("fc8",)}
+# values a config may take (engine.validate_config checks them before any data is read)
+CHECKS = {"choices": {"train_layers": tuple(TRAIN_LAYERS)}, "minimum": {"crop": 64}}
 
 
 @dataclass
@@ -91,24 +93,32 @@ def evaluate(model, dataset, config: Config, device) -> tuple[np.ndarray, np.nda
     return scores, labels
 
 
-def run(config: Config) -> dict:
-    begun = engine.begin_run(TASK, config, num_classes=len(VOC_CLASSES), new_head=True, dropout=config.dropout)
-    if begun.finished is not None:
-        return begun.finished
-    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
+def load_data(config: Config) -> tuple[VOCClassificationDataset, VOCClassificationDataset, dict]:
+    """The train and test sets and their id lists (the run's data identity)."""
     voc_root = Path(config.data_root) / "VOCdevkit" / "VOC2007"
     train_set = VOCClassificationDataset(voc_root, config.train_split)
     test_set = VOCClassificationDataset(voc_root, config.test_split)
+    return train_set, test_set, {config.train_split: train_set.ids, config.test_split: test_set.ids}
+
+
+def run(config: Config) -> dict:
+    engine.validate_config(config, **CHECKS)
+    train_set, test_set, splits = load_data(config)
+    begun = engine.begin_run(TASK, config, splits=splits, num_classes=len(VOC_CLASSES), new_head=True,
+                             dropout=config.dropout)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, loaded = begun.info, begun.device, begun.loaded
 
     model = build_model(config, loaded).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = engine.step_lr(optimizer, config.lr_step, config.lr_gamma)
-    work_dir = work_dir_for(config, TASK, loaded.fingerprint)
     trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
-                             work_dir=work_dir, checkpoint_every=config.checkpoint_every,
-                             grad_clip=config.grad_clip, info=info, description=TASK, trainable=trainable)
+                             work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every,
+                             grad_clip=config.grad_clip, info=info, description=TASK, trainable=trainable,
+                             identity=begun.identity)
     if config.resume and trainer.resume():
         print(f"[{TASK}] resumed from {trainer.checkpoint_path} at step {trainer.state.step}")
 
@@ -143,11 +153,9 @@ def run(config: Config) -> dict:
         "train_seconds": train_seconds,
         "model_selection": "none: fixed schedule, last iterate evaluated once on the test split",
     }
-    splits = {config.train_split: train_set.ids, config.test_split: test_set.ids}
     path = engine.save_record(task=TASK, metrics=result,
                               metric_definitions={"AP": metrics.CLASSIFICATION_AP_DEFINITION,
                                                   "mAP": "mean of per-class AP over classes with positives"},
-                              loaded=loaded, config=config, label=config.label, supervision=config.supervision,
-                              seed=config.seed, preset=config.preset, splits=splits, device=device, start=start)
+                              begun=begun, config=config, splits=splits)
     print(f"[{TASK}] mAP {result['mAP']:.1f} (chance {result['chance_mAP']:.1f}; {loaded.source}); record: {path}")
     return result

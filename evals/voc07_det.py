@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from backbones.alexnet import AlexNet, layer_geometry
 from evals import engine, metrics, proposals
-from evals.common import CommonConfig, to_tensor, work_dir_for
+from evals.common import CommonConfig, to_tensor
 from evals.datasets.voc import VOC_CLASSES, detection_annotations, image_path, load_rgb
 
 TASK = "voc07_det"
@@ -46,6 +46,8 @@ BBOX_MEANS = (0.0, 0.0, 0.0, 0.0)   # Fast R-CNN's BBOX_NORMALIZE_MEANS
 BBOX_STDS = (0.1, 0.1, 0.2, 0.2)    # Fast R-CNN's BBOX_NORMALIZE_STDS
 BBOX_CLIP = math.log(1000.0 / 16)   # largest dw/dh decoded (Detectron's guard against exp overflow)
 
+CHECKS = {"choices": {"proposals": proposals.SOURCES, "frozen_layers": ("conv1", "conv2", "conv3", "conv4", "conv5")},
+          "minimum": {"test_scale": 64}}
 
 @dataclass
 class Config(CommonConfig):
@@ -397,15 +399,24 @@ def build_model(config: Config, loaded) -> FastRCNN:
     return model
 
 
-def run(config: Config) -> dict:
-    begun = engine.begin_run(TASK, config, num_classes=None, new_head=True, dropout=config.dropout)
-    if begun.finished is not None:
-        return begun.finished
-    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
+def load_data(config: Config) -> tuple[dict, dict, dict]:
+    """The train and test annotations and their id lists (the run's data identity)."""
     voc_root = Path(config.data_root) / "VOCdevkit" / "VOC2007"
     train_annotations = detection_annotations(voc_root, config.train_split)
     test_annotations = detection_annotations(voc_root, config.test_split)
-    train_ids_all, test_ids = list(train_annotations), list(test_annotations)
+    return train_annotations, test_annotations, {config.train_split: list(train_annotations),
+                                                 config.test_split: list(test_annotations)}
+
+
+def run(config: Config) -> dict:
+    engine.validate_config(config, **CHECKS)
+    voc_root = Path(config.data_root) / "VOCdevkit" / "VOC2007"
+    train_annotations, test_annotations, splits = load_data(config)
+    train_ids_all, test_ids = splits[config.train_split], splits[config.test_split]
+    begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=True, dropout=config.dropout)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, loaded = begun.info, begun.device, begun.loaded
     train_boxes = proposal_boxes(config, voc_root, config.train_split, train_ids_all, info)
     test_boxes = proposal_boxes(config, voc_root, config.test_split, test_ids, info)
     train_ids = [i for i in train_ids_all
@@ -422,10 +433,10 @@ def run(config: Config) -> dict:
                                 fused=device.type in ("cpu", "cuda"))
     scheduler = engine.step_lr(optimizer, config.lr_step, config.lr_gamma)
     net = DistributedDataParallel(model) if info.world_size > 1 else model
-    work_dir = work_dir_for(config, TASK, loaded.fingerprint)
+    work_dir = begun.work_dir
     trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=work_dir, checkpoint_every=config.checkpoint_every, info=info,
-                             description=TASK, trainable=trainable)
+                             description=TASK, trainable=trainable, identity=begun.identity)
     if config.resume and trainer.resume():
         print(f"[{TASK}] resumed from {trainer.checkpoint_path} at step {trainer.state.step}")
 
@@ -500,16 +511,14 @@ def run(config: Config) -> dict:
         "devkit_results": str(devkit_dir),
         "model_selection": "none: fixed schedule, last iterate evaluated once on the test split",
     }
-    splits = {config.train_split: train_ids_all, config.test_split: test_ids}
     definitions = {"AP": metrics.DETECTION_AP_DEFINITIONS["voc07_11point"],
                    "mAP": "mean of per-class VOC07 11-point AP over classes with positives",
                    "coco_AP": "pycocotools AP@[.5:.95] (difficult boxes as iscrowd; see evals.metrics.coco_style_ap)",
                    "coco_AP50": "pycocotools AP at IoU 0.5 (101-point; difficult boxes as iscrowd)",
                    "random_score_mAP": "mAP of the same test proposals scored uniformly at random per class, "
                                        "same NMS and 100-per-image cap, no box regression"}
-    path = engine.save_record(task=TASK, metrics=result, metric_definitions=definitions, loaded=loaded,
-                              config=config, label=config.label, supervision=config.supervision, seed=config.seed,
-                              preset=config.preset, splits=splits, device=device, start=start)
+    path = engine.save_record(task=TASK, metrics=result, metric_definitions=definitions, begun=begun,
+                              config=config, splits=splits)
     print(f"[{TASK}] mAP {result['mAP']:.1f} (random scores {result['random_score_mAP']:.1f}; "
           f"COCO AP {result['coco_AP'] or 0:.1f}; {loaded.source}); record: {path}")
     return result

@@ -45,13 +45,15 @@ from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import fingerprint
 from backbones.hypercolumn import HypercolumnHead, layer_channels, sample_layer
 from evals import engine, metrics
-from evals.common import CommonConfig, to_tensor, work_dir_for
+from evals.common import CommonConfig, to_tensor
 from evals.datasets.sbd import train_aug_items, voc12_val_items
+from runtime.errors import DatasetError
 from evals.datasets.voc import VOC_CLASSES, VOC_PALETTE, VOID_LABEL, VOCSegmentationDataset
 from results import store
 
 TASK = "voc12_seg"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")  # P4 / §4.5
+CHECKS = {"choices": {"layers": LAYERS}, "minimum": {"crop": 64}}
 CLASS_NAMES = ("background",) + tuple(VOC_CLASSES)
 NUM_CLASSES = len(CLASS_NAMES)  # 21, P4
 
@@ -278,9 +280,10 @@ def save_png_atomic(picture: Image.Image, path: Path) -> Path:
     return path
 
 
-def pictures_path(config: Config, loaded) -> Path:
+def pictures_path(config: Config, begun) -> Path:
     """``<record path without .json>_examples.png``, beside the record."""
-    record = store.record_path(engine.results_dir_of(config), TASK, loaded.fingerprint, config.seed, config.preset)
+    record = store.record_path(engine.results_dir_of(config), TASK, begun.loaded.fingerprint, config.seed,
+                               config.preset, begun.key)
     return record.with_name(record.stem + "_examples.png")
 
 
@@ -294,20 +297,27 @@ def stage_factor(milestones: Sequence[int], gamma: float):
     return lambda it: gamma ** sum(it >= m for m in milestones)
 
 
-def run(config: Config) -> dict:
-    begun = engine.begin_run(TASK, config, num_classes=None, new_head=True, dropout=config.dropout)
-    if begun.finished is not None:
-        return begun.finished
-    info, device, start, loaded = begun.info, begun.device, begun.start, begun.loaded
+def load_data(config: Config) -> tuple[VOCSegmentationDataset, VOCSegmentationDataset, dict]:
+    """train_aug and VOC12 val, and their id lists (the run's data identity)."""
     train_items, val_items = train_aug_items(config.data_root), voc12_val_items(config.data_root)
     val_ids = {i for i, _, _ in val_items}
     if any(i in val_ids for i, _, _ in train_items):  # P4: train_aug never holds a val image
-        raise RuntimeError("train_aug overlaps VOC12 val")
-    train_set, val_set = VOCSegmentationDataset(train_items), VOCSegmentationDataset(val_items)
+        raise DatasetError(f"{config.data_root}: train_aug overlaps VOC12 val (SBD lists VOC12 val images)")
+    splits = {"train_aug": [i for i, _, _ in train_items], "val": [i for i, _, _ in val_items]}
+    return VOCSegmentationDataset(train_items), VOCSegmentationDataset(val_items), splits
+
+
+def run(config: Config) -> dict:
+    engine.validate_config(config, **CHECKS)
+    train_set, val_set, splits = load_data(config)
+    begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=True, dropout=config.dropout)
+    if begun.finished is not None:
+        return begun.finished
+    info, device, loaded = begun.info, begun.device, begun.loaded
 
     model = build_model(config, loaded).to(device)
     backbone_fp = fingerprint(model.backbone.state_dict())
-    work_dir = work_dir_for(config, TASK, loaded.fingerprint)
+    work_dir = begun.work_dir
     per_rank_batch = config.batch_size // info.world_size
 
     def sample(item, rng):
@@ -326,7 +336,7 @@ def run(config: Config) -> dict:
         trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
                                  work_dir=work_dir / f"stage{stage}", checkpoint_every=config.checkpoint_every,
                                  grad_clip=config.grad_clip, info=info, description=f"{TASK} stage {stage} ({name})",
-                                 trainable=params)
+                                 trainable=params, identity=begun.identity)
 
         def step_fn(batch):
             images, positions, labels = (t.to(device) for t in batch)
@@ -368,7 +378,7 @@ def run(config: Config) -> dict:
     background_per_class, background_miou = metrics.mean_iou(background)
     pictures = None
     if kept:
-        pictures = save_png_atomic(example_picture([kept[i] for i in keep]), pictures_path(config, loaded))
+        pictures = save_png_atomic(example_picture([kept[i] for i in keep]), pictures_path(config, begun))
     result = {
         "mIoU": 100.0 * miou,
         # None where a class is absent from both ground truth and prediction (left out of the mean)
@@ -381,7 +391,6 @@ def run(config: Config) -> dict:
         "pictures": pictures.name if pictures else None,
         "model_selection": "none: fixed schedule, last iterate evaluated once on the val split",
     }
-    splits = {"train_aug": [i for i, _, _ in train_items], "val": [i for i, _, _ in val_items]}
     path = engine.save_record(
         task=TASK, metrics=result,
         metric_definitions={
@@ -390,8 +399,7 @@ def run(config: Config) -> dict:
             "all_background_mIoU": "mIoU of predicting background everywhere, same val set and matrix rule",
             "pictures": "PNG beside this record: val images / ground truth / prediction in the VOC palette",
         },
-        loaded=loaded, config=config, label=config.label, supervision=config.supervision, seed=config.seed,
-        preset=config.preset, splits=splits, device=device, start=start)
+        begun=begun, config=config, splits=splits)
     print(f"[{TASK}] mIoU {result['mIoU']:.1f} (all-background {result['all_background_mIoU']:.1f}; "
           f"{loaded.source}); record: {path}; pictures: {pictures}")
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -18,11 +19,12 @@ import platform
 import re
 import socket
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from runtime.atomic import TMP_PREFIX, atomic_write
 
 SCHEMA = 1
 REPO_DIR = Path(__file__).resolve().parents[1]
@@ -41,7 +43,6 @@ REQUIRED_KEYS = (
     "schema", "task", "label", "supervision", "fingerprint", "seed", "preset",
     "metrics", "metric_definitions", "config", "provenance",
 )
-TMP_PREFIX = ".tmp-"
 
 
 def default_results_dir() -> Path:
@@ -154,6 +155,9 @@ def validate_record(record: Any) -> None:
                                  f"got {top1.get(layer)!r}")
     elif not _is_number(metrics[name]):
         raise ValueError(f"{task} {name} must be a finite number, got {metrics[name]!r}")
+    key = record.get("run_key")
+    if key is not None and not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{12}", key)):
+        raise ValueError(f"run_key must be 12 lowercase hex digits, got {key!r}")
     for key in ("metric_definitions", "config", "provenance"):
         if not isinstance(record[key], dict):
             raise ValueError(f"{key} must be a dict, got {type(record[key]).__name__}")
@@ -195,62 +199,32 @@ def make_record(
 
 
 def record_path(results_dir: Path | str, task: str, fingerprint: str, seed: int,
-                preset: str) -> Path:
-    """``results_dir/<task>/<preset>/<fingerprint[:16]>-seed<seed>.json``."""
-    return Path(results_dir) / task / preset / f"{fingerprint[:16]}-seed{seed}.json"
+                preset: str, run_key: str | None = None) -> Path:
+    """``results_dir/<task>/<preset>/<fingerprint[:16]>-<run_key>-seed<seed>.json``.
+
+    ``run_key`` (see :func:`run_key`) tells apart runs of one checkpoint and seed that differ in a
+    protocol value or in their data; records written before it existed have no key in the name.
+    """
+    middle = f"-{run_key}" if run_key else ""
+    return Path(results_dir) / task / preset / f"{fingerprint[:16]}{middle}-seed{seed}.json"
 
 
 def record_exists(results_dir: Path | str, task: str, fingerprint: str, seed: int,
-                  preset: str) -> bool:
-    """True when a finished record for this (task, fingerprint, seed, preset) exists."""
-    return record_path(results_dir, task, fingerprint, seed, preset).is_file()
+                  preset: str, run_key: str | None = None) -> bool:
+    """True when a finished record for this (task, fingerprint, seed, preset, run key) exists."""
+    return record_path(results_dir, task, fingerprint, seed, preset, run_key).is_file()
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_temp(directory: Path, text_or_obj: Any) -> Path:
-    """Write to a fresh ``.tmp-*`` file in ``directory``, fsynced; return its path."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=directory)
-    try:
-        # mkstemp makes the file 0600; records are meant to be shared with the group.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if isinstance(text_or_obj, str):
-                f.write(text_or_obj)
-            else:
-                json.dump(text_or_obj, f, indent=2, sort_keys=True, allow_nan=False)
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+def run_key(identity: Mapping[str, Any]) -> str:
+    """12 hex digits of sha256 over a run's identity (task, protocol values, data split hash):
+    two runs share a key only when everything that changes their result is equal."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:
     """Replace ``path`` with ``text`` so readers see the old or new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path.parent, text)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, text)
 
 
 def write_record(record: Mapping[str, Any], results_dir: Path | str,
@@ -266,26 +240,15 @@ def write_record(record: Mapping[str, Any], results_dir: Path | str,
     record = dict(record)
     validate_record(record)
     path = record_path(results_dir, record["task"], record["fingerprint"],
-                       record["seed"], record["preset"])
+                       record["seed"], record["preset"], record.get("run_key"))
     if not overwrite and path.exists():
         # Cheap early exit; the link below is what actually guarantees no clobber.
         raise RecordExistsError(f"record already exists: {path} (pass overwrite=True to replace)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path.parent, record)
+    encoder = json.JSONEncoder(indent=2, sort_keys=True, allow_nan=False)
     try:
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise RecordExistsError(
-                    f"record already exists: {path} (pass overwrite=True to replace)"
-                ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+        return atomic_write(path, itertools.chain(encoder.iterencode(record), ["\n"]), overwrite=overwrite)
+    except FileExistsError:
+        raise RecordExistsError(f"record already exists: {path} (pass overwrite=True to replace)") from None
 
 
 def load_record(path: Path | str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -126,13 +127,40 @@ class Cell:
     argv: tuple[str, ...]       # evals.run's command line
     preset: str                 # the record's preset ("<preset>+custom" with overrides)
     fingerprint: str | None     # None while the checkpoint file does not exist yet
-    record: Path | None         # where its record lands once it is done (None: no checkpoint yet)
+    record: Path | None         # where its record lands once it is done (None: see `protocol`)
     resources: Resources
+    # When the data cannot be read from the submitting machine (mounted on compute nodes only),
+    # the record's name, which includes a hash of the split lists, is unknown: a record of the same
+    # checkpoint, seed and protocol values then counts as this cell's, whatever its data.
+    protocol: str | None = None  # JSON of the protocol values (record["run_identity"]["protocol"])
+    record_dir: Path | None = None  # <results_dir>/<task>/<preset>
 
     @property
     def waiting(self) -> bool:
         """The checkpoint file does not exist yet (e.g. pretraining still runs)."""
         return self.fingerprint is None
+
+    def finished_record(self) -> Path | None:
+        """The cell's record if it exists."""
+        if self.record is not None:
+            return self.record if self.record.is_file() else None
+        if self.fingerprint is None or self.protocol is None:
+            return None
+        import json
+        wanted = json.loads(self.protocol)
+        for path in sorted(self.record_dir.glob(f"{self.fingerprint[:16]}-*-seed{self.seed}.json")):
+            try:
+                identity = json.loads(path.read_text()).get("run_identity") or {}
+            except (OSError, ValueError):
+                continue
+            if identity.get("task") == self.task and identity.get("protocol") == wanted:
+                return path
+        return None
+
+    @property
+    def where(self) -> str:
+        """The record's path, or its folder and name pattern when the data hash is unknown."""
+        return str(self.record or self.record_dir / f"{(self.fingerprint or '?')[:16]}-*-seed{self.seed}.json")
 
     @property
     def key(self) -> str:
@@ -181,11 +209,14 @@ class Grid:
         from the seeded initialisation). A checkpoint file that does not exist yet gives cells
         that are :attr:`Cell.waiting` (no fingerprint, no record path); an unreadable one is an error."""
         from backbones.checkpoint import read_checkpoint, random_backbone
-        from evals.run import get_args_parser, resolve_config
+        from evals import engine
+        from evals.run import get_args_parser, resolve_config, task_module
         from results import store
+        from runtime.errors import DatasetError
 
         file_fingerprints: dict[str, str] = {}
         random_fingerprints: dict[tuple[int, str], str] = {}
+        data_identities: dict[tuple, str] = {}  # one read of the split lists per task and data config
         cells = []
         for task in self.tasks.values():
             for ckpt in self.checkpoints.values():
@@ -210,10 +241,28 @@ class Grid:
                             except ValueError as err:  # CheckpointError: one line naming the file
                                 raise GridError(f"{self.source}: checkpoint {ckpt.name!r}: {err}") from None
                         fp = file_fingerprints[ckpt.path]
-                    record = store.record_path(self.results_dir, task.name, fp, seed, config.preset) if fp else None
+                    key = self._run_key(task.name, config, data_identities, task_module, engine, store,
+                                        DatasetError)
+                    record = (store.record_path(self.results_dir, task.name, fp, seed, config.preset, key)
+                              if fp and key else None)
+                    protocol = json.dumps(engine.protocol_values(config), sort_keys=True)
                     cells.append(Cell(task.name, ckpt, seed, tuple(argv), config.preset, fp, record,
-                                      task.resources))
+                                      task.resources, protocol, self.results_dir / task.name / config.preset))
         return cells
+
+    @staticmethod
+    def _run_key(task: str, config, cache: dict, task_module, engine, store, dataset_error):
+        """The cell's run key as evals.run computes it (it names the data: a hash of the split lists
+        the harness reads), or None when the data cannot be read from here."""
+        identity_config = {k: v for k, v in engine.config_dict(config).items() if k not in ("ckpt", "seed")}
+        cache_key = (task, repr(sorted(identity_config.items())))
+        if cache_key not in cache:
+            try:
+                splits = task_module(task).load_data(config)[-1]
+                cache[cache_key] = store.run_key(engine.run_identity(task, config, splits))
+            except (dataset_error, FileNotFoundError):
+                cache[cache_key] = None
+        return cache[cache_key]
 
     def argv(self, task: TaskSpec, ckpt: Checkpoint, seed: int) -> list[str]:
         argv = ["--task", task.name, "--preset", self.preset, "--ckpt", ckpt.path, "--seed", str(seed),

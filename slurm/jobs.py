@@ -36,6 +36,7 @@ import sys
 import time
 
 from slurm.grid import GridError, load_grid, parse_sets, resources
+from slurm.executor import make_executor
 from slurm.runner import Command
 from slurm.status import read_result, squeue_states
 
@@ -68,27 +69,6 @@ def section_commands(grid, name: str) -> tuple[list[Command], Command | None, ob
     return commands, merge, res
 
 
-def _executor(grid, name: str, res, cluster: str, dependency: str | None = None):
-    import submitit
-    executor = submitit.AutoExecutor(folder=grid.log_dir / "%j", cluster=cluster)
-    params = {"name": f"{grid.name}-{name}", "timeout_min": res.time_min, "nodes": 1, "cpus_per_task": res.cpus,
-              "mem_gb": res.mem_gb, "tasks_per_node": res.tasks if cluster == "slurm" else 1}
-    if res.gpus:
-        params["gpus_per_node"] = res.gpus
-    if cluster == "slurm":
-        extra = dict(res.additional_parameters)
-        if dependency:
-            extra["dependency"] = dependency
-        params.update(slurm_array_parallelism=int(grid.slurm.get("array_parallelism", 64)),
-                      slurm_additional_parameters=extra)
-        if res.partition:
-            params["slurm_partition"] = res.partition
-        if grid.slurm.get("setup"):
-            params["slurm_setup"] = list(grid.slurm["setup"])
-    executor.update_parameters(**params)
-    return executor
-
-
 def _wait(jobs, cluster: str, poll_s: float) -> bool:
     """Until every job has ended; True if all succeeded."""
     while True:
@@ -117,7 +97,7 @@ def run_section(grid, name: str, cluster: str = "slurm", dry_run: bool = False, 
         for command in commands + ([merge] if merge else []):
             log(f"  {command}")
         return 0
-    executor = _executor(grid, name, res, cluster)
+    executor = make_executor(grid, name, res, cluster)
     if cluster == "slurm":
         with executor.batch():
             jobs = [executor.submit(c) for c in commands]
@@ -130,10 +110,10 @@ def run_section(grid, name: str, cluster: str = "slurm", dry_run: bool = False, 
     if merge is not None:
         if cluster == "slurm":
             array_id = str(jobs[0].job_id).split("_")[0]
-            merge_job = _executor(grid, f"{name}-merge", res, cluster, dependency=f"afterany:{array_id}").submit(merge)
+            merge_job = make_executor(grid, f"{name}-merge", res, cluster, dependency=f"afterany:{array_id}").submit(merge)
         else:
             ok = _wait(jobs, cluster, 1.0)
-            merge_job = _executor(grid, f"{name}-merge", res, cluster).submit(merge)
+            merge_job = make_executor(grid, f"{name}-merge", res, cluster).submit(merge)
         jobs.append(merge_job)
         entries.append({"job_id": str(merge_job.job_id), "command": str(merge), "stderr": str(merge_job.paths.stderr)})
         log(f"merge job {merge_job.job_id} runs after them")

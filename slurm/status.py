@@ -109,7 +109,7 @@ def cell_states(grid: Grid, cells: list[Cell], state: dict | None = None) -> dic
     state = load_state(grid) if state is None else state
     jobs = state.get("cells", {})
     queue = None
-    if any(not c.waiting and not c.record.is_file() and jobs.get(c.key, {}).get("cluster") == "slurm"
+    if any(not c.waiting and c.finished_record() is None and jobs.get(c.key, {}).get("cluster") == "slurm"
            for c in cells):
         queue = squeue_states()
     out, lost = {}, []
@@ -117,8 +117,8 @@ def cell_states(grid: Grid, cells: list[Cell], state: dict | None = None) -> dic
         job = jobs.get(cell.key)
         if cell.waiting:
             out[cell.key] = ("waiting", f"checkpoint {cell.checkpoint.path} does not exist yet")
-        elif cell.record.is_file():
-            out[cell.key] = ("done", str(cell.record))
+        elif (record := cell.finished_record()) is not None:
+            out[cell.key] = ("done", str(record))
         elif job is None:
             out[cell.key] = ("unsubmitted", "")
         elif job["cluster"] == "slurm" and queue is None:
@@ -139,7 +139,7 @@ def cell_states(grid: Grid, cells: list[Cell], state: dict | None = None) -> dic
             elif result[0] == "error":
                 out[cell.key] = ("failed", f"job {job['job_id']}: {result[1]}")
             else:
-                out[cell.key] = ("failed", f"job {job['job_id']} finished but wrote no record at {cell.record}")
+                out[cell.key] = ("failed", f"job {job['job_id']} finished but wrote no record at {cell.where}")
     final = sacct_states([jobs[k]["job_id"] for k in lost if jobs[k]["cluster"] == "slurm"])
     for key in lost:
         if jobs[key]["job_id"] in final:

@@ -27,60 +27,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from slurm.grid import Cell, Grid, GridError, load_grid, parse_sets
+from slurm.executor import local_parameters, make_executor, sbatch_preview
 from slurm.runner import Command
 from slurm.status import cell_states, load_state, print_table, read_result, save_state, summary_line
-
-DEFAULT_ARRAY_PARALLELISM = 64
-
-
-def executor_parameters(grid: Grid, cell: Cell, cluster: str) -> dict:
-    """submitit AutoExecutor parameters of a cell's job."""
-    res = cell.resources
-    params = {"name": f"{grid.name}-{cell.task}", "timeout_min": res.time_min, "nodes": 1,
-              "tasks_per_node": res.tasks if cluster == "slurm" else 1, "cpus_per_task": res.cpus,
-              "mem_gb": res.mem_gb}
-    if res.gpus:
-        params["gpus_per_node"] = res.gpus
-    if cluster == "slurm":
-        params["slurm_array_parallelism"] = int(grid.slurm.get("array_parallelism", DEFAULT_ARRAY_PARALLELISM))
-        if res.partition:
-            params["slurm_partition"] = res.partition
-        if res.additional_parameters:
-            params["slurm_additional_parameters"] = dict(res.additional_parameters)
-        if grid.slurm.get("setup"):
-            params["slurm_setup"] = list(grid.slurm["setup"])
-        if "signal_delay_s" in grid.slurm:
-            params["slurm_signal_delay_s"] = int(grid.slurm["signal_delay_s"])
-    return params
-
-
-def make_executor(grid: Grid, cell: Cell, cluster: str):
-    import submitit
-    executor = submitit.AutoExecutor(folder=grid.log_dir / "%j", cluster=cluster,
-                                     **({"slurm_max_num_timeout": int(grid.slurm.get("max_num_timeout", 3))}
-                                        if cluster == "slurm" else {}))
-    executor.update_parameters(**executor_parameters(grid, cell, cluster))
-    return executor
-
 
 def command_of(cell: Cell) -> Command:
     return Command("evals.run", cell.argv, threads=cell.resources.cpus)
 
 
 def sbatch_lines(grid: Grid, cell: Cell, count: int) -> list[str]:
-    """The ``#SBATCH`` lines of a task's array, as submitit would write them."""
-    from submitit.slurm.slurm import _make_sbatch_string
-    executor = make_executor(grid, cell, "slurm")
-    text = _make_sbatch_string(command="...", folder=executor.folder, map_count=count,
-                               **executor._executor.parameters)
-    return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    """The ``#SBATCH`` lines of a task's array (no SLURM installation needed)."""
+    return sbatch_preview(grid, cell.task, cell.resources, count)
 
 
 def _record_job(state: dict, cell: Cell, job, cluster: str) -> None:
     entry = state["cells"].setdefault(cell.key, {"attempts": []})
     entry.update({"task": cell.task, "checkpoint": cell.checkpoint.name, "ckpt": cell.checkpoint.path,
                   "seed": cell.seed, "fingerprint": cell.fingerprint, "preset": cell.preset,
-                  "record": str(cell.record), "cluster": cluster, "job_id": str(job.job_id),
+                  "record": cell.where, "cluster": cluster, "job_id": str(job.job_id),
                   "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
                   "result": str(job.paths.result_pickle), "command": cell.command,
                   "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -93,7 +57,7 @@ def submit_slurm(grid: Grid, cells: list[Cell], state: dict, log=print) -> None:
         mine = [c for c in cells if c.task == task]
         if not mine:
             continue
-        executor = make_executor(grid, mine[0], "slurm")
+        executor = make_executor(grid, task, mine[0].resources, "slurm")
         with executor.batch():
             jobs = [executor.submit(command_of(cell)) for cell in mine]
         for cell, job in zip(mine, jobs):
@@ -110,7 +74,7 @@ def run_local(grid: Grid, cells: list[Cell], state: dict, log=print, poll_s: flo
     while waiting or running:
         while waiting and len(running) < parallel:
             cell = waiting.pop(0)
-            job = make_executor(grid, cell, "local").submit(command_of(cell))
+            job = make_executor(grid, cell.task, cell.resources, "local").submit(command_of(cell))
             _record_job(state, cell, job, "local")
             save_state(grid, state)
             running.append((cell, job))
@@ -120,7 +84,7 @@ def run_local(grid: Grid, cells: list[Cell], state: dict, log=print, poll_s: flo
         for cell, job in [r for r in running if r[1].done()]:
             running.remove((cell, job))
             finished += 1
-            if cell.record.is_file():
+            if cell.finished_record() is not None:
                 outcome = "done"
             else:
                 result = read_result(job.paths.result_pickle)
@@ -174,7 +138,7 @@ def submit(grid: Grid, cluster: str = "slurm", dry_run: bool = False, only_faile
             if cluster == "slurm":
                 log("  " + "\n  ".join(sbatch_lines(grid, mine[0], len(mine))))
             else:
-                log(f"  local executor: {executor_parameters(grid, mine[0], cluster)}")
+                log(f"  local executor: {local_parameters(mine[0].resources)}")
             for cell in mine:
                 log(f"  {cell.key}: {cell.command}" + ("   [waiting for its checkpoint]" if cell.waiting else ""))
         return 0

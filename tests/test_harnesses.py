@@ -44,9 +44,10 @@ def test_voc07_cls_end_to_end_writes_a_valid_record(data_root, tmp_path):
     assert record["config"]["iterations"] == 4 and record["provenance"]["split_hash"]
     assert (tmp_path / "work" / "voc07_cls" / "demo").is_dir()
     # a second run with the same (task, fingerprint, seed, preset) does not redo or clobber it
-    before = store.record_path(tmp_path / "results", "voc07_cls", fp, 0, "demo").read_bytes()
+    record_file = store.record_path(tmp_path / "results", "voc07_cls", fp, 0, "demo", record["run_key"])
+    before = record_file.read_bytes()
     assert voc07_cls.run(config)["mAP"] == pytest.approx(metrics["mAP"])
-    assert store.record_path(tmp_path / "results", "voc07_cls", fp, 0, "demo").read_bytes() == before
+    assert record_file.read_bytes() == before
 
 
 def test_voc07_cls_fc8_only_setting_freezes_the_rest(data_root, tmp_path):

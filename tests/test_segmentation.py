@@ -3,6 +3,8 @@ across the stage boundary, and the harness end to end on generated data (tiny sc
 import dataclasses
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,12 @@ def test_sparse_head_at_grid_points_equals_dense_prediction():
     torch.testing.assert_close(full[:, ::4, ::4], grid)
 
 
+def _work_dir(config, fp):
+    """The run's work folder: <work_dir>/voc12_seg/<preset>/<fp16>-<run key>-seed<N>."""
+    (work,) = (Path(config.work_dir) / voc12_seg.TASK / config.preset).glob(f"{fp[:16]}-*-seed{config.seed}")
+    return work
+
+
 def _tensors(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
@@ -95,7 +103,7 @@ def reference_run(data_root, tmp_path_factory):
     config = _config(data_root, tmp_path_factory.mktemp("reference"))
     metrics = voc12_seg.run(config)
     fp = engine.load_for_eval("random", 0, num_classes=None, new_head=True).fingerprint
-    work = voc12_seg.work_dir_for(config, voc12_seg.TASK, fp)
+    work = _work_dir(config, fp)
     return config, metrics, work
 
 
@@ -137,7 +145,7 @@ def test_exact_resume_across_the_stage_boundary(reference_run, data_root, tmp_pa
         torch.manual_seed(1234)  # the restarted process's RNG must not matter
     metrics = voc12_seg.run(config)
     assert saves == [1, 2, 1, 2, 3]  # 2 stage-1 saves, then stage 2 resumed from its step 1
-    resumed = _tensors(voc12_seg.work_dir_for(config, voc12_seg.TASK, fingerprint_of_random())
+    resumed = _tensors(_work_dir(config, fingerprint_of_random())
                        / "stage2" / "checkpoint.pt")
     assert resumed.keys() == expected.keys()
     for name in expected:
@@ -162,7 +170,7 @@ def test_end_to_end_writes_a_valid_record_and_pictures(data_root, tmp_path):
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 < metrics["all_background_mIoU"] < 100.0
     assert set(record["metrics"]["per_class_IoU"]) == set(voc12_seg.CLASS_NAMES)
     assert record["metrics"]["stage1_backbone_frozen_check"] == "passed"
-    record_file = store.record_path(tmp_path / "results", "voc12_seg", fp, 0, "demo")
+    record_file = store.record_path(tmp_path / "results", "voc12_seg", fp, 0, "demo", record["run_key"])
     pictures = record_file.with_name(record["metrics"]["pictures"])
     assert pictures == record_file.with_name(record_file.stem + "_examples.png")
     with Image.open(pictures) as picture:

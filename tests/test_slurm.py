@@ -141,6 +141,49 @@ def test_paper_grid_dry_run_lists_every_cell_before_pretraining(capsys):
     assert "--preset paper" in out and "--preset demo" not in out
 
 
+def test_dry_run_needs_no_slurm_installation(tmp_path):
+    """On a laptop without SLURM (no srun/sbatch on PATH) the paper grid's dry run still prints every
+    cell and its #SBATCH lines: they are rendered from the parameters, not by a live SlurmExecutor."""
+    import subprocess
+    import sys
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    out = subprocess.run([sys.executable, "-m", "slurm.submit", str(REPO / "slurm" / "paper.yaml"), "--dry-run",
+                          "--set", f"log_dir={tmp_path / 'logs'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and shutil.which("srun", path=env["PATH"]) is None
+    paper = load_grid(REPO / "slurm" / "paper.yaml")
+    for task, spec in paper.tasks.items():
+        assert f"[{task}]" in out.stdout
+        for ckpt in paper.checkpoints:
+            for seed in spec.seeds:
+                assert f"  {task}/{ckpt}/seed{seed}: python -m evals.run" in out.stdout
+    assert out.stdout.count("#SBATCH --job-name=") == len(paper.tasks)
+    assert "#SBATCH --signal=USR2@" in out.stdout
+
+
+def test_every_job_kind_gets_the_grids_signal_and_timeout_settings(tmp_path):
+    """One executor builder: cells, flow/proposal shards, pretraining and merges all get the grid's
+    signal_delay_s (the warning that lets a job save and requeue) and max_num_timeout."""
+    from slurm import executor
+    paper = load_grid(REPO / "slurm" / "paper.yaml")
+    delay = int(paper.slurm["signal_delay_s"])
+    kinds = [(t, spec.resources) for t, spec in paper.tasks.items()]
+    kinds += [(name, jobs.section_commands(paper, name)[2]) for name in ("prepare", "proposals", "pretrain")]
+    for name, res in kinds:
+        params = executor.slurm_parameters(paper, name, res)
+        assert params["signal_delay_s"] == delay and params["time"] == res.time_min, name
+        assert params["ntasks_per_node"] == res.tasks and params["cpus_per_task"] == res.cpus, name
+        assert f"#SBATCH --signal=USR2@{delay}" in executor.sbatch_preview(paper, name, res, 4), name
+    merge = executor.slurm_parameters(paper, "prepare-merge", kinds[-3][1], dependency="afterany:12")
+    assert merge["additional_parameters"]["dependency"] == "afterany:12"
+    assert executor.max_num_timeout(paper) == int(paper.slurm.get("max_num_timeout", 3))
+    local = executor.make_executor(paper, "voc07_cls", kinds[0][1], "local")
+    assert local.parameters["tasks_per_node"] == 1 and local.parameters["timeout_min"] == kinds[0][1].time_min
+
+
 def test_jobs_dry_run_lists_the_sharded_commands(capsys):
     assert jobs.main(["proposals", str(REPO / "slurm" / "paper.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out

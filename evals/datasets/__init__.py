@@ -14,11 +14,8 @@ raises ``DatasetError`` naming the file (and the line where one applies).
 from __future__ import annotations
 
 
-class DatasetError(ValueError):
-    """A dataset file is missing or malformed; the message names the file (``path:line``)."""
+from runtime.errors import DatasetError  # noqa: E402  (re-exported: submodules import it from here)
 
-
-# Imported after DatasetError: the submodules import it from here.
 from .imagenet import ImageNetDataset, imagenet_classes, imagenet_samples  # noqa: E402
 from .sbd import read_sbd_mask, train_aug_items, voc12_val_items, write_sbd_mat  # noqa: E402
 from .voc import (  # noqa: E402
