@@ -194,6 +194,9 @@ def load_backbone(path: str | os.PathLike, *, num_classes: int | None = None, ba
     ``batchnorm=True`` asks to keep BN.
     """
     ckpt = read_checkpoint(path)
+    bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # found now, not as a NaN loss at step 1
+        raise CheckpointError(path, f"non-finite values (NaN or inf) in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     source_arch = ckpt.arch
     model = AlexNet(source_arch.layout, batchnorm=source_arch.batchnorm, num_classes=num_classes, dropout=dropout)
     report = load_state_dict_strict(model, ckpt.state_dict, source=ckpt.source,

@@ -210,8 +210,11 @@ class Trainer:
         remove_stale_temps(self.work_dir)  # what an interrupted save left behind
         if not self.checkpoint_path.exists():
             return False
-        ckpt = safe_torch_load(self.checkpoint_path)  # never executes code from the file
         hint = "start over with --no-resume, or use another --work-dir"
+        try:
+            ckpt = safe_torch_load(self.checkpoint_path)  # never executes code from the file
+        except CheckpointError as err:
+            raise CheckpointError(self.checkpoint_path, f"{err.problem}; {hint}") from None
         if not isinstance(ckpt, dict) or not {"model", "optimizer", "state", "torch_rng"} <= set(ckpt):
             raise CheckpointError(self.checkpoint_path, f"not a training checkpoint of this project; {hint}")
         if self.identity is not None and ckpt.get("run") != self.identity:
@@ -506,6 +509,11 @@ class RunStart:
     identity: dict         # run_identity(): stored in training checkpoints and compared on resume
     key: str               # store.run_key(identity): in the record's and the work folder's names
     work_dir: Path         # this run's training checkpoints and TensorBoard logs
+
+    @property
+    def log(self):
+        """``print`` on the main rank, None elsewhere (one copy of each progress line)."""
+        return print if self.info.is_main else None
 
 
 def begin_run(task: str, config, *, splits: Mapping[str, Sequence[str]], num_classes: int | None,

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones.checkpoint import fingerprint
+from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
 from evals.datasets.imagenet import ImageNetDataset
@@ -102,6 +103,7 @@ def run(config: Config) -> dict:
     begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=False)
     if begun.finished is not None:
         return begun.finished
+    preflight_datasets({config.train_split: train_set, config.test_split: test_set}, log=begun.log)
     info, device, loaded = begun.info, begun.device, begun.loaded
     num_classes = len(train_set.classes)
 

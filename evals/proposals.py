@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import io
 import multiprocessing
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from runtime.atomic import atomic_write
+from runtime.lifetime import die_with_parent
+from runtime.paths import check_relative, safe_join
 
 MODES = ("fast", "quality")
 SOURCES = MODES + ("mat",)
@@ -110,25 +114,22 @@ def selective_search(image_rgb: np.ndarray, mode: str = "fast", max_side: int | 
 
 
 def cache_path(cache_dir, source: str, image_id: str) -> Path:
-    return Path(cache_dir) / source / f"{image_id}.npy"
+    """``<cache>/<source>/<image_id>.npy``. Ids come from split files and ``.mat`` files, so an
+    absolute id or one with ``..`` is refused (DatasetError): nothing is read or written outside
+    the cache."""
+    check_relative(source, f"{cache_dir}: proposal source")
+    return safe_join(Path(cache_dir) / source, image_id, f"{Path(cache_dir) / source}: image id", ".npy")
 
 
 def save_boxes(path, boxes: np.ndarray) -> Path:
-    """Write int32 (K, 4) boxes to ``path`` atomically (temporary file + rename)."""
-    path = Path(path)
+    """Write int32 (K, 4) boxes to ``path`` atomically (:func:`runtime.atomic.atomic_write`; the
+    bytes are ``np.save``'s ``.npy`` format)."""
     boxes = np.asarray(boxes).reshape(-1, 4)
     if not np.issubdtype(boxes.dtype, np.integer):
         boxes = np.round(boxes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, boxes.astype(np.int32))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    np.save(buffer, boxes.astype(np.int32))
+    return atomic_write(path, buffer.getbuffer())
 
 
 def load_boxes(cache_dir, source: str, image_id: str) -> np.ndarray:
@@ -158,8 +159,9 @@ def load_mat_proposals(mat_path) -> dict[str, np.ndarray]:
     if len(images) != len(boxes):
         raise ValueError(f"{mat_path}: {len(images)} images but {len(boxes)} box arrays")
     out = {}
-    for image, box in zip(images, boxes):
+    for k, (image, box) in enumerate(zip(images, boxes)):
         image_id = str(np.asarray(image).ravel()[0]) if np.asarray(image).dtype == object else str(np.squeeze(image))
+        check_relative(image_id, f"{mat_path}: images[{k}]")  # ids become cache file names
         box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
         out[image_id] = np.round(box[:, (1, 0, 3, 2)]).astype(np.int32)
     return out
@@ -180,10 +182,9 @@ def import_mat(mat_path, cache_dir, ids: Sequence[str] | None = None) -> int:
 
 
 def _compute_one(image_path: str, out_path: str, mode: str, max_side: int | None) -> int:
-    from PIL import Image
+    from runtime.images import load_image
 
-    with Image.open(image_path) as image:
-        rgb = np.asarray(image.convert("RGB"))
+    rgb = np.asarray(load_image(image_path, "RGB"))  # a bad image: one line naming it
     boxes = selective_search(rgb, mode, max_side)
     save_boxes(out_path, boxes)
     return len(boxes)
@@ -220,7 +221,9 @@ def compute_proposals(voc_root, split: str, cache_dir, mode: str = "fast", worke
                mininterval=1.0, dynamic_ncols=True)
     counts = []
     if workers and workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # Workers die with this process (SIGKILL included) instead of finishing their images.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for future in as_completed([pool.submit(_compute_one, *job) for job in jobs]):
                 counts.append(future.result())
                 bar.update(1)
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
         index, count = shard_from_env(args.shard_index, args.num_shards)
         summary = compute_proposals(args.voc_root, args.split, args.out, args.mode, args.workers, index, count,
                                     args.max_side)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # DatasetError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary)

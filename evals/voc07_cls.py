@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, random_scaled_view
 from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset
@@ -108,6 +109,8 @@ def run(config: Config) -> dict:
                              dropout=config.dropout)
     if begun.finished is not None:
         return begun.finished
+    # the data is checked before training: a bad file stops the run now, in one line
+    preflight_datasets({config.train_split: train_set, config.test_split: test_set}, log=begun.log)
     info, device, loaded = begun.info, begun.device, begun.loaded
 
     model = build_model(config, loaded).to(device)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from backbones.alexnet import AlexNet, layer_geometry
 from evals import engine, metrics, proposals
+from evals.datasets.preflight import preflight_voc_split
 from evals.common import CommonConfig, to_tensor
 from evals.datasets.voc import VOC_CLASSES, detection_annotations, image_path, load_rgb
 
@@ -416,6 +417,8 @@ def run(config: Config) -> dict:
     begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=True, dropout=config.dropout)
     if begun.finished is not None:
         return begun.finished
+    for split in (config.train_split, config.test_split):  # before hours of Selective Search
+        preflight_voc_split(voc_root, split, log=begun.log)
     info, device, loaded = begun.info, begun.device, begun.loaded
     train_boxes = proposal_boxes(config, voc_root, config.train_split, train_ids_all, info)
     test_boxes = proposal_boxes(config, voc_root, config.test_split, test_ids, info)

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import fingerprint
 from backbones.hypercolumn import HypercolumnHead, layer_channels, sample_layer
+from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, to_tensor
 from evals.datasets.sbd import train_aug_items, voc12_val_items
@@ -313,6 +314,7 @@ def run(config: Config) -> dict:
     begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=True, dropout=config.dropout)
     if begun.finished is not None:
         return begun.finished
+    preflight_datasets({"train_aug": train_set, "val": val_set}, log=begun.log)
     info, device, loaded = begun.info, begun.device, begun.loaded
 
     model = build_model(config, loaded).to(device)

@@ -36,6 +36,10 @@ import torch
 
 from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD  # the networks' input convention
 from pretrain.flow import decode_flow_png, normalize_flow
+from runtime.errors import DatasetError, MissingFileError
+from runtime.images import check_flow_png_header, check_jpeg_complete, file_size, image_header
+from runtime.paths import check_relative
+from runtime.preflight import DEFAULT_MAX_HEADERS, DEFAULT_SAMPLE, FULL_CHECK_BELOW, PreflightReport, sample_indices
 
 __all__ = [
     "DEFAULT_SCALE_RANGE",
@@ -43,6 +47,7 @@ __all__ = [
     "augment_pair",
     "sample_pixels",
     "FlowPairDataset",
+    "preflight_flow_pairs",
 ]
 
 DEFAULT_SCALE_RANGE = (0.8, 1.25)  # not published (P1 says "scale"); project choice
@@ -50,20 +55,44 @@ _PIXEL_SCALE = 1.0 / (255.0 * np.array(IMAGENET_STD, np.float32))
 _PIXEL_OFFSET = np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32)
 
 
+PATH_FIELDS = ("frame_path", "flow_path")  # joined to the manifest's folder: must stay inside it
+
+
+def _check_record(record, where: str) -> dict:
+    """A manifest record: a JSON object whose file fields (``frame_path``, ``flow_path``, any
+    other ``*_path``) are relative paths that stay inside the manifest's folder."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in PATH_FIELDS:
+        if key not in record:
+            raise DatasetError(f"{where}: record has no {key!r}")
+    for key, value in record.items():
+        if key.endswith("_path"):
+            if not isinstance(value, str):
+                raise DatasetError(f"{where}: {key} must be a string, got {value!r}")
+            check_relative(value, f"{where}: {key}")
+    return record
+
+
 def read_manifest(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``manifest.jsonl`` (blank lines skipped)."""
+    """The records of a ``manifest.jsonl`` (blank lines skipped).
+
+    Each line must be a JSON object with relative ``frame_path`` and ``flow_path`` (no absolute
+    path, no ``..``: a manifest cannot make training read files outside its folder); otherwise a
+    one-line DatasetError names the file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: manifest not found (run python -m pretrain.prepare first)")
+        raise MissingFileError(f"{path}: manifest not found (run python -m pretrain.prepare first)")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line: {e}") from e
+                raise DatasetError(f"{path}:{lineno}: not a JSON line: {e}") from None
+            records.append(_check_record(record, f"{path}:{lineno}"))
     return records
 
 
@@ -126,11 +155,18 @@ def sample_pixels(valid: np.ndarray, num_pixels: int, rng: np.random.Generator) 
 # Dataset (file edge)
 # --------------------------------------------------------------------------- #
 def _read_rgb(path: str) -> np.ndarray:
+    """The frame as (H, W, 3) uint8 RGB. A missing, undecodable or truncated file raises a
+    one-line DatasetError naming it (OpenCV decodes a JPEG cut short without failing, filling
+    the rest grey, so its end marker is checked first)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: frame not found")
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        raise MissingFileError(f"{path}: frame not found")
+    check_jpeg_complete(path, "frame")
+    try:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise DatasetError(f"{path}: frame is not a readable image ({' '.join(str(err).split())})") from None
     if bgr is None:
-        raise ValueError(f"{path}: frame is not a readable image (cv2.imread failed)")
+        raise DatasetError(f"{path}: frame is not a readable image (cv2.imread failed)")
     return bgr[..., ::-1]
 
 
@@ -167,7 +203,8 @@ class FlowPairDataset(torch.utils.data.Dataset):
                  num_pixels: int = 512, max_magnitude: float = 56.0, seed: int = 0, train: bool = True,
                  return_flow_map: bool = False, manifest: str | None = None, max_tries: int = 10):
         self.root = os.fspath(root)
-        records = read_manifest(manifest or os.path.join(self.root, "manifest.jsonl"))
+        self.manifest_path = os.fspath(manifest or os.path.join(self.root, "manifest.jsonl"))
+        records = read_manifest(self.manifest_path)
         self.records = [r for r in records if split is None or r.get("split") == split]
         self.split, self.crop, self.scale_range, self.flip = split, crop, tuple(scale_range), flip
         self.num_pixels, self.max_magnitude, self.seed, self.train = num_pixels, max_magnitude, seed, train
@@ -186,15 +223,18 @@ class FlowPairDataset(torch.utils.data.Dataset):
         key = [self.seed, self.epoch, index] if self.train else [self.seed, 2**32, index]
         return np.random.default_rng(key)
 
+    def paths(self, index: int) -> tuple[str, str]:
+        """The frame and flow files of item ``index`` (inside ``root``: checked by read_manifest)."""
+        r = self.records[index]
+        return os.path.join(self.root, r["frame_path"]), os.path.join(self.root, r["flow_path"])
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The stored frame (H, W, 3) uint8 RGB, flow (H, W, 2) px and valid (H, W) of item ``index``."""
-        r = self.records[index]
-        frame_path = os.path.join(self.root, r["frame_path"])
-        flow_path = os.path.join(self.root, r["flow_path"])
+        frame_path, flow_path = self.paths(index)
         image = _read_rgb(frame_path)
         flow, valid = decode_flow_png(flow_path)
         if image.shape[:2] != flow.shape[:2]:
-            raise ValueError(f"{frame_path} is {image.shape[1]}x{image.shape[0]} but "
+            raise DatasetError(f"{frame_path} is {image.shape[1]}x{image.shape[0]} but "
                              f"{flow_path} is {flow.shape[1]}x{flow.shape[0]}")
         return image, flow, valid
 
@@ -226,3 +266,53 @@ class FlowPairDataset(torch.utils.data.Dataset):
             out["flow_map"] = torch.from_numpy(np.ascontiguousarray(fmap.transpose(2, 0, 1)))
             out["valid_map"] = torch.from_numpy(val)
         return out
+
+
+# --------------------------------------------------------------------------- #
+# Pre-flight: check the files before training
+# --------------------------------------------------------------------------- #
+def preflight_flow_pairs(dataset: FlowPairDataset, *, sample: int = DEFAULT_SAMPLE, seed: int = 0,
+                         full_below: int = FULL_CHECK_BELOW, max_headers: int | None = DEFAULT_MAX_HEADERS,
+                         allow_empty: bool = False, log=print) -> PreflightReport:
+    """Check the pairs ``dataset`` will read before training starts; the first problem raises a
+    one-line DatasetError naming the file.
+
+    * the split has records (else "<manifest>: split is empty"), unless ``allow_empty``;
+    * every frame and flow file exists and is not empty (stat);
+    * every frame's header opens (PIL, no decoding) and every flow PNG's IHDR says 16-bit RGB
+      (KITTI: u, v, valid) of the frame's size (and of the record's ``width``/``height``);
+      above ``max_headers`` pairs, a seeded sample of that many is checked;
+    * a seeded sample of ``sample`` pairs (all pairs when at most ``full_below``) is decoded in
+      full as training reads it (``dataset.load``: JPEG end marker, decode, matching sizes).
+
+    Paths were checked when the manifest was read (relative, no ``..``). ``log`` receives one
+    summary line (None: quiet).
+    """
+    name = f"pretrain {dataset.split or 'all'}"
+    report = PreflightReport(name, len(dataset))
+    if not len(dataset) and not allow_empty:
+        raise DatasetError(f"{dataset.manifest_path}: split is empty (no records with split {dataset.split!r})")
+    pairs = [dataset.paths(i) for i in range(len(dataset))]
+    for frame_path, flow_path in pairs:
+        for path, what in ((frame_path, "frame"), (flow_path, "flow PNG")):
+            if file_size(path, what) == 0:
+                raise DatasetError(f"{path}: {what} is empty (0 bytes)")
+            report.files_stated += 1
+    headers = range(len(pairs)) if max_headers is None or len(pairs) <= max_headers else \
+        sample_indices(len(pairs), max_headers, seed + 1, full_below=0)
+    for index in headers:
+        frame_path, flow_path = pairs[index]
+        _, width, height, _ = image_header(frame_path, "frame")
+        record = dataset.records[index]
+        if record.get("width") is not None and (record.get("width"), record.get("height")) != (width, height):
+            raise DatasetError(f"{frame_path}: frame is {width}x{height} but the manifest says "
+                               f"{record.get('width')}x{record.get('height')}")
+        check_flow_png_header(flow_path, (width, height))
+        report.headers += 2
+    for index in sample_indices(len(pairs), sample, seed, full_below):
+        dataset.load(index)
+        report.decoded += 1
+    report.done()
+    if log is not None:
+        log(report.summary())
+    return report

@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 
 import cv2
 import numpy as np
+
+from runtime.atomic import atomic_write
+from runtime.errors import DatasetError, MissingFileError
 
 __all__ = [
     "FLOW_PNG_SCALE",
@@ -96,45 +98,44 @@ def png_array_to_flow(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def encode_flow_png(path: str | os.PathLike, flow: np.ndarray, valid: np.ndarray | None = None) -> None:
     """Write ``flow`` (H, W, 2) in pixels to ``path`` as a KITTI flow PNG (P6).
 
-    The file is written under a temporary name in the same directory and moved
-    into place with ``os.replace``, so a reader never sees a half-written PNG
-    under ``path``.
+    The file is written atomically (:func:`runtime.atomic.atomic_write`), so a
+    reader never sees a half-written PNG under ``path``.
     """
     # OpenCV's PNG writer keeps 16 bits; R = u, G = v, B = valid (KITTI's channel order).
     write_image_atomic(path, flow_to_png_array(flow, valid), what="flow PNG")
 
 
 def write_image_atomic(path: str | os.PathLike, rgb: np.ndarray, params: tuple = (), what: str = "image") -> None:
-    """``cv2.imwrite`` of an RGB array (8 or 16 bit) to a temporary name beside ``path`` (same
-    suffix, which picks the encoder), then ``os.replace``: a reader never sees a half-written file."""
+    """Encode an RGB array (8 or 16 bit) in memory with ``cv2.imencode`` (the suffix of ``path``
+    picks the encoder; the bytes are those ``cv2.imwrite`` writes) and write them with
+    :func:`runtime.atomic.atomic_write`: a reader never sees a half-written file."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=directory)
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1]), list(params)):  # OpenCV wants BGR
-            raise OSError(f"{path}: cv2.imwrite failed to write the {what}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1], np.ascontiguousarray(rgb[..., ::-1]),  # OpenCV wants BGR
+                               list(params))
+    if not ok:
+        raise OSError(f"{path}: cv2.imencode failed to encode the {what}")
+    atomic_write(path, encoded.tobytes())
 
 
 def decode_flow_png(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a KITTI flow PNG (P6): returns (flow float32 (H, W, 2) in px, valid bool (H, W))."""
+    """Read a KITTI flow PNG (P6): returns (flow float32 (H, W, 2) in px, valid bool (H, W)).
+
+    A missing, undecodable, 8-bit or non-RGB file raises a one-line DatasetError naming it
+    (a ValueError; MissingFileError, also a FileNotFoundError, when missing)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: flow PNG not found")
-    bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        raise MissingFileError(f"{path}: flow PNG not found")
+    try:
+        bgr = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # UNCHANGED keeps the 16 bits and channel count
+    except cv2.error as err:
+        raise DatasetError(f"{path}: not a readable image (cv2.imread: {' '.join(str(err).split())})") from None
     if bgr is None:
-        raise ValueError(f"{path}: not a readable image (cv2.imread failed)")
+        raise DatasetError(f"{path}: not a readable image (cv2.imread failed: corrupt or truncated)")
     if bgr.dtype != np.uint16:
-        raise ValueError(f"{path}: flow PNG must be 16-bit, got {bgr.dtype} (an ordinary 8-bit image?)")
+        raise DatasetError(f"{path}: flow PNG must be 16-bit, got {bgr.dtype} (an ordinary 8-bit image?)")
     channels = 1 if bgr.ndim == 2 else bgr.shape[2]
     if channels != 3:
-        raise ValueError(f"{path}: flow PNG must have 3 channels (u, v, valid), got {channels}")
+        raise DatasetError(f"{path}: flow PNG must have 3 channels (u, v, valid), got {channels}")
     return png_array_to_flow(bgr[..., ::-1])
 
 

@@ -44,8 +44,8 @@ Design notes
   in [0, 1), is below ``--val-fraction``; frames of one video never straddle
   the split. The split is a pure function of (video_key, val_fraction) and is
   applied when the manifest is merged.
-* Resuming: every file is written under a temporary name (``.<name>.*.tmp.*``)
-  and renamed into place, so a file under its final name is complete. A video
+* Resuming: every file is written under a temporary name (``.tmp-<name>.*``,
+  ``runtime.atomic``) and renamed into place, so a file under its final name is complete. A video
   is skipped when its done marker exists, was made with the same settings,
   and all its files exist; otherwise it is decoded again and only missing
   files are written (all of them if the settings changed). The manifest is
@@ -91,6 +91,7 @@ import numpy as np
 
 from pretrain.flow import decode_flow_png, encode_flow_png, write_image_atomic
 from results.store import write_text_atomic
+from runtime.lifetime import die_with_parent
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -351,8 +352,12 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
     return {"key": key, "status": "error", "written": 0, "reused": 0, "reason": reason, "video": path}
 
 
-def _worker_init() -> None:
-    cv2.setNumThreads(1)  # the pool already uses every core; avoid oversubscription
+def _worker_init(parent_pid: int | None = None) -> None:
+    """Pool initializer: one OpenCV thread (the pool already uses every core), and the worker
+    ends with the parent (even on SIGKILL) instead of finishing its video for minutes."""
+    cv2.setNumThreads(1)
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
 
 
 def _process_video_task(args: tuple) -> dict:
@@ -415,6 +420,9 @@ def index_pairs(pairs_dir: str, out: str | None = None, split: str = "val", meth
     default ``pairs_dir``).
     """
     out = out or pairs_dir
+    if os.path.relpath(os.path.abspath(pairs_dir), os.path.abspath(out)).split(os.sep)[0] == "..":
+        # Manifest paths are relative to its folder and may not climb out of it (pretrain.data).
+        raise ValueError(f"--out {out} must be the pairs folder {pairs_dir} or a folder above it")
     os.makedirs(out, exist_ok=True)
     frames_dir, flow_dir = os.path.join(pairs_dir, "frames"), os.path.join(pairs_dir, "flow")
     if not os.path.isdir(flow_dir):
@@ -515,7 +523,8 @@ def prepare(config: PrepareConfig) -> dict:
     else:
         # spawn: forking a process that has initialised OpenCV/FFmpeg threads can deadlock.
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=ctx, initializer=_worker_init) as ex:
+        with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=ctx, initializer=_worker_init,
+                                                    initargs=(os.getpid(),)) as ex:
             for fut in concurrent.futures.as_completed([ex.submit(_process_video_task, t) for t in tasks]):
                 results.append(fut.result())
                 bar.update()

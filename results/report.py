@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import statistics
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         get_args_parser().error(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
     results_dir = args.results_dir or store.default_results_dir()
-    records = [] if args.no_runs else store.load_records(results_dir)
+    try:
+        records = [] if args.no_runs else store.load_records(results_dir)
+    except ValueError as err:  # a broken record names its file; a report must not drop it silently
+        print(f"error: {err}; move the file away (or repair it) and run the report again", file=sys.stderr)
+        return 2
 
     for spec in TABLES:
         texts = render_all(spec, read_reference(spec), records, {"md", *formats})

@@ -222,25 +222,39 @@ def test_encode_validates_shapes(tmp_path):
 
 
 def test_encode_is_atomic(tmp_path, monkeypatch):
+    from runtime import atomic
+
     path = tmp_path / "f.png"
     encode_flow_png(path, np.ones((3, 3, 2)))
     before = path.read_bytes()
 
-    def half_write(name, img, *params):
-        with open(name, "wb") as fh:
-            fh.write(b"\x89PNG partial")
-        raise KeyboardInterrupt  # interrupted mid-write
+    def interrupted(fd):  # the bytes are in the temporary file, not yet published
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(flowlib.cv2, "imwrite", half_write)
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         encode_flow_png(path, np.zeros((3, 3, 2)))
+    monkeypatch.undo()
     assert path.read_bytes() == before  # old file untouched
     assert os.listdir(tmp_path) == ["f.png"]  # temporary cleaned up
 
-    monkeypatch.setattr(flowlib.cv2, "imwrite", lambda name, img, *params: False)
+    monkeypatch.setattr(flowlib.cv2, "imencode", lambda ext, img, params=(): (False, None))
     with pytest.raises(OSError, match="f.png"):
         encode_flow_png(path, np.zeros((3, 3, 2)))
     assert os.listdir(tmp_path) == ["f.png"]
+
+
+def test_encoded_bytes_equal_cv2_imwrite(tmp_path):
+    """The in-memory encoder writes the bytes cv2.imwrite wrote before (format unchanged)."""
+    rng = np.random.default_rng(0)
+    flow = rng.normal(size=(9, 11, 2)).astype(np.float32) * 30
+    encode_flow_png(tmp_path / "a.png", flow)
+    cv2.imwrite(str(tmp_path / "b.png"), np.ascontiguousarray(flowlib.flow_to_png_array(flow)[..., ::-1]))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    flowlib.write_image_atomic(tmp_path / "a.jpg", rgb, (cv2.IMWRITE_JPEG_QUALITY, 95))
+    cv2.imwrite(str(tmp_path / "b.jpg"), np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert (tmp_path / "a.jpg").read_bytes() == (tmp_path / "b.jpg").read_bytes()
 
 
 # --------------------------------------------------------------------------- #

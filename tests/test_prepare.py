@@ -215,3 +215,15 @@ def test_flow_of_translating_square(tmp_path, method, dx, dy):
         frame = cv2.imread(str(out / r["frame_path"]))[..., ::-1]
         errors = [np.abs(frame.astype(int) - f).mean() for f in frames]
         assert int(np.argmin(errors)) == t  # the stored frame is frame t (up to JPEG loss)
+
+
+def test_pairs_mode_refuses_an_out_folder_beside_the_pairs(tmp_path):
+    """Manifest paths are relative to the manifest's folder and may not climb out of it
+    (pretrain.data.read_manifest refuses '..'), so --out must contain the pairs folder."""
+    from pretrain.prepare import index_pairs
+
+    (tmp_path / "pairs" / "flow").mkdir(parents=True)
+    with pytest.raises(ValueError, match="must be the pairs folder"):
+        index_pairs(str(tmp_path / "pairs"), str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "elsewhere").exists()
+    assert index_pairs(str(tmp_path / "pairs"), str(tmp_path))["manifest_pairs"] == 0

@@ -9,7 +9,9 @@ Everything is read under one data root::
 
 ``evals.datasets.demo`` writes a small synthetic data set in exactly these layouts, and
 ``python -m evals.data check --data-root DIR`` reports what is present. Malformed input
-raises ``DatasetError`` naming the file (and the line where one applies).
+raises ``DatasetError`` naming the file (and the line where one applies); ids and file names
+read from data files may not be absolute or contain ``..``. ``evals.datasets.preflight`` checks
+the splits a run will read before it trains.
 """
 from __future__ import annotations
 

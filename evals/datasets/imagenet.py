@@ -23,6 +23,8 @@ from typing import Callable
 import scipy.io
 from torch.utils.data import Dataset
 
+from runtime.paths import check_relative
+
 from . import DatasetError
 from .voc import load_rgb
 
@@ -80,6 +82,10 @@ def _flat_val_labels(root: Path, files: list[str]) -> dict[str, tuple[str, str]]
                 continue
             if len(fields) != 2:
                 raise DatasetError(f"{label_path}:{lineno}: expected '<filename> <wnid>', got {line.strip()!r}")
+            # The bare file name inside val/: no folders, so nothing outside val/ can be named.
+            check_relative(fields[0], f"{label_path}:{lineno}")
+            if "/" in fields[0] or "\\" in fields[0]:
+                raise DatasetError(f"{label_path}:{lineno}: {fields[0]!r} must be a bare file name inside val/")
             lines.append((fields[0], fields[1], f"{label_path}:{lineno}"))
     elif (devkit := _devkit_files(root)) is not None:
         truth_path, meta_path = devkit
@@ -142,6 +148,7 @@ class ImageNetDataset(Dataset):
 
     def __init__(self, root, split: str, transform: Callable | None = None):
         self.root = Path(root)
+        self.split = split
         self.classes = imagenet_classes(root)
         self.samples = imagenet_samples(root, split)
         self.transform = transform

@@ -22,7 +22,9 @@ import scipy.io
 import scipy.sparse
 
 from . import DatasetError
-from .voc import VOC_CLASSES, read_split, segmentation_items, voc_dir
+from runtime.errors import MissingFileError
+
+from .voc import VOC_CLASSES, SplitItems, read_split, segmentation_items, voc_dir
 
 OFFICIAL_COUNTS = {"train": 8498, "val": 2857, "train_aug": 10582}
 
@@ -48,14 +50,28 @@ def _field(obj, name: str):
 
 
 def read_sbd_mask(mat_path) -> np.ndarray:
-    """``cls/<id>.mat`` -> (H, W) uint8 labels 0..20 from ``GTcls.Segmentation``."""
+    """``cls/<id>.mat`` -> (H, W) uint8 labels 0..20 from ``GTcls.Segmentation``.
+
+    Any failure (missing, truncated or foreign file, unexpected struct) is a one-line
+    DatasetError naming the file, never a scipy traceback."""
     path = Path(mat_path)
     if not path.is_file():
-        raise DatasetError(f"{path}: SBD .mat file not found")
+        raise MissingFileError(f"{path}: SBD .mat file not found")
+    try:
+        return _sbd_mask(path)
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- scipy/numpy raise several types for a corrupt file
+        raise DatasetError(f"{path}: cannot read MATLAB file ({type(err).__name__}: "
+                           f"{' '.join(str(err).split()) or 'no detail'})") from None
+
+
+def _sbd_mask(path: Path) -> np.ndarray:
     try:
         contents = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=True)
     except Exception as err:  # scipy raises several types for a corrupt file
-        raise DatasetError(f"{path}: cannot read MATLAB file ({err})") from None
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetError(f"{path}: cannot read MATLAB file ({reason})") from None
     gtcls = contents.get("GTcls")
     segmentation = None if gtcls is None else _field(gtcls, "Segmentation")
     if segmentation is None:
@@ -118,7 +134,7 @@ def train_aug_items(data_root) -> list[tuple[str, Path, Path]]:
     seg = voc12 / "ImageSets" / "Segmentation"
     voc_train, voc_val = read_split(seg / "train.txt"), set(read_split(seg / "val.txt"))
     ids = (set(voc_train) | set(read_split(sbd / "train.txt")) | set(read_split(sbd / "val.txt"))) - voc_val
-    items = []
+    items = SplitItems(split_files=[seg / "train.txt", sbd / "train.txt", sbd / "val.txt"])
     for i in sorted(ids):
         png, mat = voc12 / "SegmentationClass" / f"{i}.png", sbd / "cls" / f"{i}.mat"
         if png.is_file():

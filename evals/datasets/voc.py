@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from runtime.images import image_error, load_image
+from runtime.paths import check_relative
+
 from . import DatasetError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -62,8 +65,20 @@ VOC_PALETTE.flags.writeable = False
 # ----------------------------------------------------------------------------- split files
 
 
+class SplitItems(list):
+    """A list of dataset items that remembers the split files it came from (``split_files``), so
+    that a pre-flight can name them (e.g. "<file>: split is empty")."""
+
+    def __init__(self, items=(), split_files: Sequence = ()):
+        super().__init__(items)
+        self.split_files = [Path(p) for p in split_files]
+
+
 def read_split(path) -> list[str]:
-    """Ids of an ``ImageSets/*/<split>.txt`` file: one id per line, blank lines skipped."""
+    """Ids of an ``ImageSets/*/<split>.txt`` file: one id per line, blank lines skipped.
+
+    Ids are joined into paths (``JPEGImages/<id>.jpg``, caches), so an absolute id or one with
+    ``..`` is refused with the file and line: a split file cannot reach outside its data root."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: split file not found")
@@ -74,6 +89,7 @@ def read_split(path) -> list[str]:
             continue
         if len(fields) != 1:
             raise DatasetError(f"{path}:{lineno}: expected one image id, got {line.strip()!r}")
+        check_relative(fields[0], f"{path}:{lineno}")
         if fields[0] in seen:
             raise DatasetError(f"{path}:{lineno}: duplicate id {fields[0]!r}")
         seen.add(fields[0])
@@ -94,6 +110,7 @@ def read_class_file(path) -> dict[str, int]:
         if len(fields) != 2:
             raise DatasetError(f"{path}:{lineno}: expected '<id> <label>', got {line.strip()!r}")
         image_id, value = fields
+        check_relative(image_id, f"{path}:{lineno}")
         if value not in ("1", "-1", "0"):
             raise DatasetError(f"{path}:{lineno}: bad label {value!r} for {image_id!r} (expected 1, -1 or 0)")
         if image_id in labels:
@@ -262,7 +279,8 @@ def detection_annotations(voc_root, split: str) -> dict[str, VOCAnnotation]:
 
 
 def image_path(voc_root, image_id: str) -> Path:
-    """``JPEGImages/<id>.jpg``, which must exist."""
+    """``JPEGImages/<id>.jpg``, which must exist (the id may not leave ``JPEGImages``)."""
+    check_relative(image_id, f"{Path(voc_root) / 'JPEGImages'}: image id")
     path = Path(voc_root) / "JPEGImages" / f"{image_id}.jpg"
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
@@ -270,13 +288,9 @@ def image_path(voc_root, image_id: str) -> Path:
 
 
 def load_rgb(path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot decode image ({err})") from None
+    """The fully decoded RGB image; missing, truncated or undecodable files raise a one-line
+    DatasetError naming the file (also inside DataLoader workers)."""
+    return load_image(path, "RGB", "image")
 
 
 # ----------------------------------------------------------------------------- segmentation masks
@@ -304,10 +318,10 @@ def read_segmentation_mask(png_path) -> np.ndarray:
                 raise DatasetError(f"{path}: mask must be a palette ('P') PNG, got mode {image.mode!r}")
             mask = np.array(image, dtype=np.uint8)
             palette = np.array(image.getpalette() or [], dtype=np.uint8).reshape(-1, 3)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: mask file not found") from None
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot decode mask ({err})") from None
+    except DatasetError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- PIL raises many types for a corrupt file
+        raise image_error(path, err, "mask") from None
     _check_mask_values(path, mask)
     for value in np.unique(mask):
         if value >= len(palette) or not np.array_equal(palette[value], VOC_PALETTE[value]):
@@ -342,8 +356,9 @@ def read_mask(source) -> np.ndarray:
 def segmentation_items(voc_root, split: str) -> list[tuple[str, Path, Path]]:
     """``(id, image path, mask path)`` for ``ImageSets/Segmentation/<split>.txt``."""
     voc_root = Path(voc_root)
-    items = []
-    for i in read_split(voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"):
+    split_file = voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    items = SplitItems(split_files=[split_file])
+    for i in read_split(split_file):
         mask = voc_root / "SegmentationClass" / f"{i}.png"
         if not mask.is_file():
             raise DatasetError(f"{mask}: mask file not found")
@@ -359,6 +374,7 @@ class VOCClassificationDataset(Dataset):
 
     def __init__(self, voc_root, split: str, transform: Callable | None = None):
         self.voc_root = Path(voc_root)
+        self.split_file = self.voc_root / "ImageSets" / "Main" / f"{split}.txt"
         self.ids, self.labels = classification_labels(voc_root, split)
         self.paths = [image_path(voc_root, i) for i in self.ids]
         self.transform = transform
@@ -378,6 +394,7 @@ class VOCDetectionDataset(Dataset):
 
     def __init__(self, voc_root, split: str):
         self.voc_root = Path(voc_root)
+        self.split_file = self.voc_root / "ImageSets" / "Main" / f"{split}.txt"
         self.annotations = detection_annotations(voc_root, split)
         self.ids = list(self.annotations)
         self.paths = [image_path(voc_root, i) for i in self.ids]
@@ -400,6 +417,7 @@ class VOCSegmentationDataset(Dataset):
 
     def __init__(self, items: Sequence, transform: Callable | None = None):
         self.items = [tuple(item)[-2:] for item in items]
+        self.split_files = list(getattr(items, "split_files", []))  # for the pre-flight's messages
         self.transform = transform
 
     def __len__(self) -> int:
@@ -425,6 +443,6 @@ __all__ = [
     "read_split", "read_class_file", "classification_labels", "labels_from_annotation",
     "VOCObject", "VOCAnnotation", "parse_annotation", "detection_annotations", "image_path",
     "load_rgb", "read_segmentation_mask", "write_segmentation_mask", "read_mask",
-    "segmentation_items", "VOCClassificationDataset", "VOCDetectionDataset",
+    "segmentation_items", "SplitItems", "VOCClassificationDataset", "VOCDetectionDataset",
     "VOCSegmentationDataset", "voc_dir",
 ]
