@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones.checkpoint import fingerprint
-from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
 from evals.datasets.imagenet import ImageNetDataset
+from evals.datasets.preflight import preflight_datasets
 
 TASK = "in1k_linear"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, random_scaled_view
+from evals.datasets.preflight import preflight_datasets
 from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset
 
 TASK = "voc07_cls"

@@ -18,8 +18,6 @@ non-difficult object are skipped, as its ``filter_roidb`` does.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +35,10 @@ from tqdm import tqdm
 
 from backbones.alexnet import AlexNet, layer_geometry
 from evals import engine, metrics, proposals
-from evals.datasets.preflight import preflight_voc_split
 from evals.common import CommonConfig, to_tensor
+from evals.datasets.preflight import preflight_voc_split
 from evals.datasets.voc import VOC_CLASSES, detection_annotations, image_path, load_rgb
+from runtime.atomic import atomic_write
 
 TASK = "voc07_det"
 NUM_CLASSES = len(VOC_CLASSES) + 1  # background + 20
@@ -360,16 +359,7 @@ def write_devkit_results(detections_per_class: Sequence[Mapping], out_dir, prefi
     for name, per_image in zip(VOC_CLASSES, detections_per_class):
         lines = [f"{image_id} {d[4]:.6f} {d[0]:.1f} {d[1]:.1f} {d[2]:.1f} {d[3]:.1f}\n"
                  for image_id, dets in per_image.items() for d in np.asarray(dets).reshape(-1, 5)]
-        path = out_dir / f"{prefix}{name}.txt"
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.writelines(lines)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths.append(path)
+        paths.append(atomic_write(out_dir / f"{prefix}{name}.txt", "".join(lines)))
     return paths
 
 

@@ -26,8 +26,7 @@ without materialising 9,568 channels per pixel.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +43,14 @@ from tqdm import tqdm
 from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import fingerprint
 from backbones.hypercolumn import HypercolumnHead, layer_channels, sample_layer
-from evals.datasets.preflight import preflight_datasets
 from evals import engine, metrics
 from evals.common import CommonConfig, to_tensor
+from evals.datasets.preflight import preflight_datasets
 from evals.datasets.sbd import train_aug_items, voc12_val_items
-from runtime.errors import DatasetError
 from evals.datasets.voc import VOC_CLASSES, VOC_PALETTE, VOID_LABEL, VOCSegmentationDataset
 from results import store
+from runtime.atomic import atomic_write
+from runtime.errors import DatasetError
 
 TASK = "voc12_seg"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")  # P4 / §4.5
@@ -265,20 +265,10 @@ def example_picture(examples: Sequence[tuple[Image.Image, np.ndarray, np.ndarray
 
 
 def save_png_atomic(picture: Image.Image, path: Path) -> Path:
-    """Write to a temporary file beside ``path``, then rename over it (never a half-written PNG)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{store.TMP_PREFIX}{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            picture.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the picture is as readable as the record
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """The PNG, written whole or not at all (runtime.atomic)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return atomic_write(path, buffer.getbuffer())
 
 
 def pictures_path(config: Config, begun) -> Path:

@@ -7,10 +7,12 @@ BN layers. ``python -m pretrain.export CKPT OUT`` does that and prints the new f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from backbones.alexnet import fold_batchnorm
 from backbones.checkpoint import CheckpointError, load_backbone, save_backbone
+from runtime.errors import one_line
 
 __all__ = ["fold_batchnorm", "export", "main"]
 
@@ -19,6 +21,10 @@ def export(checkpoint: str, out: str) -> str:
     """Fold BN of ``checkpoint`` (any format ``backbones.checkpoint`` reads) and write a plain
     AlexNet to ``out``; returns the exported fingerprint. The pretraining head (hypercolumn MLP)
     is not part of the AlexNet state and is left behind, as the paper discards it (§4.5)."""
+    if os.path.isdir(checkpoint):  # would otherwise surface as an IsADirectoryError from open()
+        raise CheckpointError(checkpoint, "is a directory, not a checkpoint file")
+    if os.path.isdir(out):
+        raise CheckpointError(out, "is a directory: give the path of the .pt file to write")
     loaded = load_backbone(checkpoint, discard=("fc8.*",))
     meta = dict(loaded.meta)
     meta.update(exported_from=loaded.source, source_fingerprint=loaded.fingerprint,
@@ -34,8 +40,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         fp = export(args.checkpoint, args.out)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CheckpointError, ValueError, OSError) as err:  # bad input file, full disk, unwritable out
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}  fingerprint {fp}")
     return 0

@@ -35,6 +35,7 @@ from torch import nn
 from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import CheckpointError
 from backbones.hypercolumn import HypercolumnHead, layer_channels, sparse_hypercolumn
+from runtime.safe_load import safe_torch_load
 
 __all__ = [
     "PRETRAIN_FORMAT",
@@ -45,6 +46,7 @@ __all__ = [
     "CPFSNet",
     "DirectRegressionNet",
     "build_model",
+    "hypercolumn_layer_names",
     "load_pretrain_checkpoint",
 ]
 
@@ -136,6 +138,13 @@ def build_model(method: str = "cpfs", *, embedding_dim: int = EMBEDDING_DIM, num
     raise ValueError(f"unknown method {method!r}; expected 'cpfs' or 'direct'")
 
 
+def hypercolumn_layer_names() -> tuple[str, ...]:
+    """The AlexNet activations a hypercolumn can sample (for checking ``layers`` in a config
+    before a run builds its network): every conv/pool map and fc6/fc7 (fc8 has no map)."""
+    return tuple(name for name in layer_geometry(LAYOUT)
+                 if name.startswith(("conv", "pool")) or name in ("fc6", "fc7"))
+
+
 def load_pretrain_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                              ) -> tuple[_HypercolumnNet, float | None, dict]:
     """Rebuild the network of a ``pretrain.train`` checkpoint (``last.pt`` / ``best.pt``).
@@ -143,15 +152,18 @@ def load_pretrain_checkpoint(path: str | os.PathLike, map_location: str | torch.
     Returns ``(net in eval mode, learned sigma^2 or None, the checkpoint dict)``.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(path, "no such file")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT or "model_config" not in ckpt:
         raise CheckpointError(path, f"not a {PRETRAIN_FORMAT} checkpoint written by pretrain.train")
-    cfg = dict(ckpt["model_config"])
-    method = cfg.pop("method")
-    net = build_model(method, **cfg)
-    net.backbone.load_state_dict(ckpt["state_dict"], strict=True)
-    net.head.load_state_dict(ckpt["head"], strict=True)
+    try:
+        cfg = dict(ckpt["model_config"])
+        method = cfg.pop("method")
+        net = build_model(method, **cfg)
+        net.backbone.load_state_dict(ckpt["state_dict"], strict=True)
+        net.head.load_state_dict(ckpt["head"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # edited or mismatched file
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(path, f"weights do not match the recorded model_config "
+                                    f"({type(err).__name__}: {first})") from None
     sigma2 = ckpt.get("sigma2")
     return net.eval(), (float(sigma2) if sigma2 is not None else None), ckpt

@@ -35,6 +35,7 @@ from pretrain.data import FlowPairDataset
 from pretrain.flow import color_wheel_image, flow_to_color
 from pretrain.loss import embedding_kernel, flow_kernel
 from pretrain.model import load_pretrain_checkpoint
+from runtime.errors import one_line
 
 
 def dense_grid(size: int, stride: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         written = visualize(args.ckpt, args.data, args.out, args.num_images, args.stride, args.split, args.seed)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # CheckpointError and DatasetError are ValueErrors
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(json.dumps(written, indent=1))
     return 0

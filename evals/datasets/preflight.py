@@ -116,8 +116,8 @@ def preflight_images(paths: Sequence, name: str, split_file=None, *, sample: int
     return report.done()
 
 
-def preflight_voc_split(voc_root, split: str, kind: str = "Main", name: str | None = None,
-                        **options) -> PreflightReport:
+def preflight_voc_split(voc_root, split: str, kind: str = "Main", name: str | None = None, *,
+                        log: Callable[[str], None] | None = None, **options) -> PreflightReport:
     """A VOC split read by ids (``ImageSets/<kind>/<split>.txt``): the split file parses (ids
     relative, no ``..``, no duplicates) and is non-empty, and its ``JPEGImages`` are checked as
     in :func:`preflight_images`. Labels and annotations are parsed by the datasets themselves."""
@@ -125,7 +125,10 @@ def preflight_voc_split(voc_root, split: str, kind: str = "Main", name: str | No
     ids = read_split(split_file)
     _require_items(len(ids), split_file, split)
     paths = [image_path(voc_root, i) for i in ids]
-    return preflight_images(paths, name or split, split_file, **options)
+    report = preflight_images(paths, name or split, split_file, **options)
+    if log is not None:
+        log(report.summary())
+    return report
 
 
 def _check_segmentation(dataset: VOCSegmentationDataset, name: str, sample: int, seed: int,
