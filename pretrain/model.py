@@ -26,7 +26,7 @@ flow-kernel bandwidth under ``sigma`` and the constructor arguments under ``mode
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

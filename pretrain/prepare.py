@@ -90,7 +90,8 @@ import cv2
 import numpy as np
 
 from pretrain.flow import decode_flow_png, encode_flow_png, write_image_atomic
-from results.store import write_text_atomic
+from runtime.atomic import atomic_write
+from runtime.config import chosen, operational, protocol
 from runtime.lifetime import die_with_parent
 
 __all__ = [
@@ -118,23 +119,27 @@ JPEG_QUALITY = 95
 
 @dataclasses.dataclass
 class PrepareConfig:
-    out: str | None = None
-    videos: str | None = None
-    pairs: str | None = None
-    frames_per_video: int = 8  # P1: "8 random frames per video" (paper §4.2)
-    frame_gap: int = 5  # P1: flow between frames t and t+5 (paper §4.2)
-    method: str = "dis"  # P1: "a hand-crafted method"; the paper's own (EpicFlow) is not in OpenCV
-    short_side: int | None = None  # None: keep the decoded size
-    max_frames: int | None = None  # None: every frame of the video is a candidate
-    val_fraction: float = 0.05  # not published (the paper validates on YouTube Objects); project choice
-    seed: int = 0
-    workers: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    shard_index: int = 0
-    num_shards: int = 1
-    merge_only: bool = False
-    pairs_split: str = "val"
-    pairs_method: str = "external"
-    progress: bool = True
+    out: str | None = operational(None)
+    videos: str | None = operational(None)
+    pairs: str | None = operational(None)
+    frames_per_video: int = protocol(8, "P1: 8 random frames per video (paper §4.2)")
+    frame_gap: int = protocol(5, "P1: flow between frames t and t+5 (paper §4.2)")
+    method: str = chosen("dis", "OpenCV DIS: the paper's EpicFlow + DeepMatching is not packaged; TV-L1 and "
+                                "Farneback selectable")
+    short_side: int | None = chosen(None, "frames kept at their decoded size (None); the paper does not give a "
+                                          "resolution")
+    max_frames: int | None = protocol(None, "P1: every frame of the video is a candidate (None)")
+    val_fraction: float = chosen(0.05, "a 5 % hash split of the training videos validates early stopping; the "
+                                       "paper validates on YouTube Objects")
+    seed: int = operational(0)
+    workers: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1),
+                                     metadata={"source": "operational", "why": ""})
+    shard_index: int = operational(0)
+    num_shards: int = operational(1)
+    merge_only: bool = operational(False)
+    pairs_split: str = operational("val", "split of pairs imported with --pairs")
+    pairs_method: str = operational("external", "flow method recorded for imported pairs")
+    progress: bool = operational(True)
 
     def settings(self) -> dict:
         """The settings that determine a video's pairs (a done marker records them)."""
@@ -156,7 +161,7 @@ class VideoError(Exception):
 # Small file helpers: atomic writes
 # --------------------------------------------------------------------------- #
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def _listdir_names(directory: str) -> set[str]:
@@ -339,7 +344,7 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
                 "frame_path": frame_rel, "flow_path": flow_rel, "flow_method": settings["method"],
             })
         # The marker goes last: its existence certifies every file above.
-        write_text_atomic(done_path, json.dumps({"video": os.path.abspath(path), "video_key": key,
+        atomic_write(done_path, json.dumps({"video": os.path.abspath(path), "video_key": key,
                                                   "settings": settings, "records": records}, sort_keys=True))
         if os.path.exists(error_path):
             os.remove(error_path)
@@ -348,7 +353,7 @@ def process_video(path: str, key: str, out: str, settings: dict, force: bool = F
         reason = str(e)
     except Exception as e:  # noqa: BLE001 -- any per-video failure is reported, not fatal
         reason = f"{type(e).__name__}: {e}"
-    write_text_atomic(error_path, json.dumps({"video": os.path.abspath(path), "video_key": key, "reason": reason}))
+    atomic_write(error_path, json.dumps({"video": os.path.abspath(path), "video_key": key, "reason": reason}))
     return {"key": key, "status": "error", "written": 0, "reused": 0, "reason": reason, "video": path}
 
 

@@ -27,8 +27,12 @@ Both checkpoints are ``{"format": "cpfs-bench/pretrain", "arch", "state_dict": A
 "head", "sigma", "model_config", "meta", ...}`` written atomically, so ``backbones.checkpoint``
 reads their AlexNet directly.
 
+The loop is ``runtime.loop.Trainer``, the one the benchmark harnesses use (AMP, NaN stop,
+preemption, progress bar); this module gives it the objective, the ``last.pt`` format, the log
+lines and the after-step hook that validates and stops early (:class:`Validation`).
+
 Determinism: the data order is a permutation per epoch seeded by ``(seed, epoch)``
-(``evals.engine.EpochSampler``), every random draw for a sample comes from ``(seed, epoch,
+(``runtime.data.EpochSampler``), every random draw for a sample comes from ``(seed, epoch,
 index)`` (``pretrain.data``), loaders have generators of their own, and a checkpoint holds the
 torch RNG; on CPU a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
 """
@@ -50,19 +54,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from backbones.checkpoint import CheckpointError, atomic_torch_save
-from evals import engine
-from evals.engine import DistInfo, config_dict, parse_overrides, pick_device, setup_distributed, training_loader
 from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
 from pretrain.export import export
 from pretrain.loss import Sigma, cpfs_loss, direct_regression_loss
 from pretrain.model import (EMBEDDING_DIM, HIDDEN_WIDTH, HYPERCOLUMN_LAYERS, NUM_BINS, PRETRAIN_FORMAT,
                             build_model, hypercolumn_layer_names)
 from runtime import config_checks as checks
+from runtime import loop
+from runtime.config import chosen, config_dict, operational, parse_overrides, protocol
+from runtime.data import training_loader
+from runtime.distributed import DistInfo, pick_device, setup_distributed
 from runtime.atomic import NoSpaceError, atomic_write, remove_stale_temps
 from runtime.errors import ConfigError, DatasetError, RunError, one_line
+from runtime.loop import NonFiniteLossError
 from runtime.safe_load import safe_torch_load
 
 LABELS = {"cpfs": "Ours", "direct": "Ours direct reg."}  # the rows of Tables 1 and 2 (P7)
@@ -71,48 +77,50 @@ SUPERVISION = "Optical-flow"
 
 @dataclass
 class Config:
-    data: str = ""                        # folder written by pretrain.prepare (manifest.jsonl)
-    out: str = ""                         # run folder; "" -> work_dirs/pretrain/<preset>
-    preset: str = "paper"
-    method: str = "cpfs"                  # P1: "cpfs" (eqs. 2-5) or "direct" (the §4.5 baseline)
+    data: str = operational("", "folder written by pretrain.prepare (manifest.jsonl)")
+    out: str = operational("", "run folder; '' -> work_dirs/pretrain/<preset>")
+    preset: str = operational("paper", "the name of the value set; a changed protocol value marks it +custom")
+    method: str = protocol("cpfs", "P1: cpfs (eqs. 2-5) or direct (the §4.5 baseline)")
     # network
-    embedding_dim: int = EMBEDDING_DIM    # P1: D = 16
-    hidden: int = HIDDEN_WIDTH            # not published (supplement unavailable): 256, see pretrain.model
-    layers: tuple[str, ...] = HYPERCOLUMN_LAYERS  # P1: conv1, pool1, conv3, pool5, fc7
-    head_dropout: float = 0.0             # not published: no dropout in the MLP
-    backbone_dropout: float = 0.0         # not published: no dropout after fc6 (BN throughout, P1)
-    num_bins: int = NUM_BINS              # P1: direct reg. uses 16 uniform bins per component
-    sigma2_init: float = 0.01             # not published (pretrain.loss.Sigma); the learned value is 0.0067 (P1)
-    learn_sigma: bool = True              # P1: sigma is learned with the network
+    embedding_dim: int = protocol(EMBEDDING_DIM, "P1: D = 16")
+    hidden: int = chosen(HIDDEN_WIDTH, "the supplement with the exact head is not available; keeps the head a few % "
+                                       "of the step")
+    layers: tuple[str, ...] = protocol(HYPERCOLUMN_LAYERS, "P1: conv1, pool1, conv3, pool5, fc7")
+    head_dropout: float = chosen(0.0, "not published: no dropout in the MLP head")
+    backbone_dropout: float = chosen(0.0, "not published: no dropout after fc6 (BN throughout, P1)")
+    num_bins: int = protocol(NUM_BINS, "P1: direct regression uses 16 uniform bins per component")
+    sigma2_init: float = chosen(0.01, "same order as the learned 0.0067 the paper reports")
+    learn_sigma: bool = protocol(True, "P1: sigma is learned with the network")
     # data
-    crop: int = 224                       # P1: 224 x 224 crops
-    scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE  # not published (P1 says "scale"): pretrain.data
-    flip: bool = True                     # P1: horizontal flip
-    num_pixels: int = 512                 # P1: 512 pixels per image, uniform
-    max_magnitude: float = 56.0           # P1: M = 56 in eq. (6)
-    batch_size: int = 96                  # P1: 96 frames (global; each of W ranks takes batch_size / W)
+    crop: int = protocol(224, "P1: 224 x 224 crops")
+    scale_range: tuple[float, float] = chosen(DEFAULT_SCALE_RANGE, "mild, so flow magnitudes stay within M = 56 "
+                                                                   "(P1 says only 'scale')")
+    flip: bool = protocol(True, "P1: horizontal flip")
+    num_pixels: int = protocol(512, "P1: 512 pixels per image, uniform")
+    max_magnitude: float = protocol(56.0, "P1: M = 56 in eq. (6)")
+    batch_size: int = protocol(96, "P1: 96 frames (global; each of W ranks takes batch_size / W)")
     # optimiser
-    lr: float = 1e-4                      # P1: Adam, initial lr 1e-4 (direct reg.: 0.01, P1)
-    betas: tuple[float, float] = (0.9, 0.999)  # P1
-    eps: float = 1e-8                     # P1
-    weight_decay: float = 0.0             # P1: no weight decay
+    lr: float = protocol(1e-4, "P1: Adam, initial lr 1e-4 (direct regression: 0.01)")
+    betas: tuple[float, float] = protocol((0.9, 0.999), "P1: Adam's defaults")
+    eps: float = protocol(1e-8, "P1: Adam's defaults")
+    weight_decay: float = protocol(0.0, "P1: no weight decay")
     # schedule and early stopping (P1: "early stopping on a held-out validation loss")
-    max_steps: int = 200_000              # not published; early stopping normally ends the run first
-    val_every: int = 2_000                # not published
-    patience: int = 10                    # not published: validations without improvement before stopping
-    val_items: int = 5_000                # P1: the paper's validation set has 5000 pairs (first val_items of the split)
-    checkpoint_every: int = 2_000
-    log_every: int = 20
+    max_steps: int = chosen(200_000, "not published; early stopping normally ends the run first")
+    val_every: int = chosen(2_000, "early stopping is described, not its cadence")
+    patience: int = chosen(10, "validations without improvement before stopping; not published")
+    val_items: int = protocol(5_000, "P1: the paper's validation set has 5000 pairs (first val_items of the split)")
+    checkpoint_every: int = operational(2_000)
+    log_every: int = operational(20)
     # system
-    seed: int = 0
-    workers: int = 8
-    device: str = "auto"                  # auto: cuda:<local rank> if available, else cpu
-    amp: str = "auto"                     # CUDA only: auto (bf16 if supported, else fp16), bf16, fp16, off
-    sync_bn: bool = False                 # not published: per-rank BN statistics by default (CUDA only)
-    resume: bool = False
-    overwrite: bool = False               # move an earlier run's files in out/ aside instead of refusing
-    export: bool = True                   # write alexnet_plain.pt from best.pt at the end
-    progress: bool = True
+    seed: int = operational(0, "the run's seed (named in the run, not a protocol value)")
+    workers: int = operational(8)
+    device: str = operational("auto", "auto: cuda:<local rank> if available, else cpu")
+    amp: str = chosen("auto", "CUDA only: bf16 where supported, else fp16; off on CPU")
+    sync_bn: bool = chosen(False, "not published: per-rank BN statistics by default (CUDA only)")
+    resume: bool = operational(False)
+    overwrite: bool = operational(False, "move an earlier run's files in out/ aside instead of refusing")
+    export: bool = operational(True, "write alexnet_plain.pt from best.pt at the end")
+    progress: bool = operational(True)
 
 
 _DEMO = dict(batch_size=8, num_pixels=128, max_steps=150, val_every=25, patience=4, val_items=16,
@@ -142,15 +150,10 @@ RUN_FILES = ("best.pt", "last.pt", "log.jsonl", "config.json", "summary.json", "
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
-
-
 @dataclass
-class RunState:
-    step: int = 0
-    epoch: int = 0                # data position: epoch of the next sample ...
-    offset: int = 0               # ... and samples of that epoch this rank has consumed
+class RunState(loop.TrainState):
+    """The loop's position (step; epoch and offset: the data position) plus early stopping's
+    bookkeeping, all of it saved in ``last.pt`` by ``runtime.loop.Trainer``."""
     best_val: float = math.inf
     best_step: int = 0
     bad_validations: int = 0      # validations since the best one (early stopping patience)
@@ -259,6 +262,53 @@ def validate(objective: PretrainObjective, loader: DataLoader, device: torch.dev
     return float(total[0] / total[1].clamp(min=1))
 
 
+class Validation:
+    """The pretraining part of the loop, run by ``runtime.loop.Trainer`` after every optimiser step
+    (:meth:`after_step`): validation every ``val_every`` steps, ``best.pt`` at every improvement,
+    early stopping after ``patience`` validations without one, and the end of the run at
+    ``max_steps`` with a last validation (the final network is a candidate for best.pt too)."""
+
+    def __init__(self, objective: PretrainObjective, loader: DataLoader | None, config: Config,
+                 device: torch.device, amp_dtype, info: DistInfo, best_path: Path, log: "RunLog"):
+        self.objective, self.loader, self.config = objective, loader, config
+        self.device, self.amp_dtype, self.info = device, amp_dtype, info
+        self.best_path, self.log = best_path, log
+
+    def after_step(self, state: RunState) -> bool:
+        """Validate if due; end the run at max_steps. Returns True when the run stops here (the
+        Trainer then saves last.pt with the final state)."""
+        if self.loader is not None and self.config.val_every and state.step % self.config.val_every == 0:
+            self.validate(state)
+        if not state.stopped and state.step >= self.config.max_steps:
+            self.finish(state)
+        return bool(state.stopped)
+
+    def finish(self, state: RunState) -> bool:
+        """Mark the run as ended at max_steps, validating its final network unless that happened
+        at this step already (which may still end it as early stopping); returns whether it validated."""
+        state.stopped = "max_steps"
+        due = self.loader is not None and state.last_val_step != state.step
+        if due:
+            self.validate(state)
+        return due
+
+    def validate(self, state: RunState) -> None:
+        """One validation: best.pt on improvement, patience bookkeeping, the log line."""
+        val = validate(self.objective, self.loader, self.device, self.amp_dtype, self.info)
+        state.last_val_step = state.step
+        if val < state.best_val:
+            state.best_val, state.best_step, state.bad_validations = val, state.step, 0
+            if self.info.is_main:
+                atomic_torch_save(checkpoint_dict(self.objective, self.config, state, meta={"val_loss": val}),
+                                  self.best_path)
+        else:
+            state.bad_validations += 1
+            if state.bad_validations >= self.config.patience:
+                state.stopped = "early_stopping"
+        self.log.write("val", state.step, loss=val, best=state.best_val, best_step=state.best_step,
+                       bad_validations=state.bad_validations)
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 def _cpu(state: dict) -> dict:
@@ -311,7 +361,8 @@ def read_resume_checkpoint(path: Path, config: Config) -> dict:
 
 
 def restore_training_state(ckpt: dict, objective: PretrainObjective, optimizer, scaler) -> RunState:
-    """Network, sigma, optimiser, scaler and RNG of a checked ``last.pt`` -> the saved RunState."""
+    """Network, sigma, optimiser, scaler and RNG of a checked ``last.pt`` -> the saved RunState,
+    with a "max_steps" stop undone (a longer schedule continues; early stopping stays final)."""
     objective.net.backbone.load_state_dict(ckpt["state_dict"])
     objective.net.head.load_state_dict(ckpt["head"])
     if objective.sigma is not None:
@@ -322,7 +373,10 @@ def restore_training_state(ckpt: dict, objective: PretrainObjective, optimizer, 
     torch.set_rng_state(ckpt["torch_rng"])
     if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return RunState(**ckpt["state"])
+    state = RunState(**ckpt["state"])
+    if state.stopped == "max_steps":
+        state.stopped = ""
+    return state
 
 
 # --- logging ---------------------------------------------------------------------------------------
@@ -482,16 +536,6 @@ def prepare_run_folder(out: Path, config: Config, resuming: bool) -> None:
     atomic_write(out / "config.json", json.dumps(config_dict(config), indent=1) + "\n")
 
 
-def non_finite_message(value: float, step: int, last_path: Path, last_saved_step: int | None) -> str:
-    """One line for a NaN/inf loss that names a checkpoint to go back to only if it is on disk
-    (a run that saved nothing yet, or whose last.pt is gone, has none to offer)."""
-    if last_saved_step is not None and last_path.is_file():
-        where = f"the last good checkpoint is {last_path} (step {last_saved_step})"
-    else:
-        where = "no checkpoint of this run exists yet"
-    return f"non-finite loss ({value}) at step {step}; training stopped without saving it; {where}"
-
-
 def train(config: Config) -> dict:
     """Pretrain, validate, early-stop, checkpoint and export; returns a summary dict."""
     # Every check comes first: settings, then the data, then the run folder (read only); only
@@ -523,117 +567,52 @@ def train(config: Config) -> dict:
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps,
                                  weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state, resumed = RunState(), saved is not None
-    if resumed:
-        state = restore_training_state(saved, objective, optimizer, scaler)
-        del saved  # the checkpoint's tensors are in the modules now
-        if state.stopped == "max_steps":  # a longer schedule continues; early stopping stays final
-            state.stopped = ""
-        print(f"[pretrain] resumed {last_path} at step {state.step}", file=sys.stderr)
-    elif config.resume:
-        print(f"[pretrain] --resume: no {last_path} yet, starting from scratch", file=sys.stderr)
     model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.world_size > 1 else objective
+    trainer = loop.Trainer(
+        model=model, optimizer=optimizer, scheduler=None, total_steps=config.max_steps, work_dir=out,
+        checkpoint_every=config.checkpoint_every, log_every=config.log_every, info=info,
+        description=f"pretrain {config.method}", trainable=params, amp_dtype=amp_dtype, scaler=scaler,
+        checkpoint_name=last_path.name, state=RunState(),
+        make_checkpoint=lambda: checkpoint_dict(objective, config, trainer.state, optimizer, scaler),
+        restore_checkpoint=lambda ckpt: restore_training_state(ckpt, objective, optimizer, scaler),
+        tensorboard=False, progress=config.progress, message_file=sys.stderr)  # RunLog writes TensorBoard
+    resumed = saved is not None
+    if resumed:
+        trainer.resume(saved)  # the checkpoint check_run_folder read and checked
+        del saved  # its tensors are in the modules now
+    elif config.resume:
+        print(f"[pretrain] --resume: no {last_path} yet, starting from scratch", file=sys.stderr)
+    state = trainer.state
 
     val_loader = validation_loader(val_set, config, per_rank, info)
     if val_loader is None and info.is_main:
         print(f"[pretrain] warning: {config.data} has no 'val' pairs: no validation, no early stopping; "
               f"best.pt will be the final network", file=sys.stderr)
     log = RunLog(out, info.is_main, state.step if resumed else None)
-    last_saved_step = state.step if resumed else None
-
-    def save_last() -> None:
-        nonlocal last_saved_step
-        if info.is_main:
-            atomic_torch_save(checkpoint_dict(objective, config, state, optimizer, scaler), last_path)
-        last_saved_step = state.step
-
-    def run_validation() -> None:
-        val = validate(objective, val_loader, device, amp_dtype, info)
-        state.last_val_step = state.step
-        improved = val < state.best_val
-        if improved:
-            state.best_val, state.best_step, state.bad_validations = val, state.step, 0
-            if info.is_main:
-                atomic_torch_save(checkpoint_dict(objective, config, state, meta={"val_loss": val}), best_path)
-        else:
-            state.bad_validations += 1
-            if state.bad_validations >= config.patience:
-                state.stopped = "early_stopping"
-        log.write("val", state.step, loss=val, best=state.best_val, best_step=state.best_step,
-                  bad_validations=state.bad_validations)
-
-    per_epoch = math.ceil(len(train_set) / info.world_size)
+    validation = Validation(objective, val_loader, config, device, amp_dtype, info, best_path, log)
+    # attached after the resume: RunLog trims log.jsonl to the resumed step when it opens
+    trainer.after_step = validation.after_step
+    trainer.log_fn = lambda step, values: log.write("train", step, loss=values["loss"], sigma2=objective.sigma2(),
+                                                    lr=values["lr"], images_per_s=values["images_per_s"])
     images_per_step = per_rank * info.world_size
-    bar = tqdm(total=config.max_steps, initial=state.step, desc=f"pretrain {config.method}", unit="step",
-               disable=not (info.is_main and config.progress), dynamic_ncols=True, mininterval=1.0)
     start_step, start_time = state.step, time.monotonic()
-    window_time, window_steps, loss_value = 0.0, 0, float("nan")
-    engine.TRAINING.set()  # slurm.runner defers SIGUSR2 to the end of the step in progress
     try:
-        if state.stopped != "early_stopping" and state.step < config.max_steps:
-            loader = iter(training_loader(EpochKeyed(train_set), per_rank, config.seed, config.workers,
-                                          state.epoch, state.offset, info))
-            model.train()
-            while state.step < config.max_steps and state.stopped != "early_stopping":
-                tick = time.monotonic()  # images/s includes waiting for data
-                batch = next(loader)
-                images, positions, flows = _to(batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    loss = model(images, positions, flows)
-                finite = torch.isfinite(loss.detach()).to(torch.float32)
-                if info.world_size > 1:  # every rank stops together
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not bool(finite):
-                    raise NonFiniteLossError(non_finite_message(loss.item(), state.step + 1, last_path,
-                                                                last_saved_step))
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                state.step += 1
-                state.offset += per_rank
-                while state.offset >= per_epoch:  # the sampler moved on to the next epoch
-                    state.offset -= per_epoch
-                    state.epoch += 1
-                loss_value = loss.item()
-                window_time += time.monotonic() - tick
-                window_steps += 1
-                sigma2 = objective.sigma2()
-                if state.step % config.log_every == 0 or state.step == config.max_steps:
-                    speed = images_per_step * window_steps / max(window_time, 1e-9)
-                    log.write("train", state.step, loss=loss_value, sigma2=sigma2,
-                              lr=optimizer.param_groups[0]["lr"], images_per_s=speed)
-                    window_time, window_steps = 0.0, 0
-                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{speed:.1f}",
-                                    **({"sigma2": f"{sigma2:.4g}"} if sigma2 is not None else {}), refresh=False)
-                bar.update(1)
-                if val_loader is not None and config.val_every and state.step % config.val_every == 0:
-                    run_validation()
-                if state.step % config.checkpoint_every == 0 or state.stopped:
-                    save_last()
-                if engine.preemption_requested(info):  # SIGUSR2 under slurm.runner: save, then requeue
-                    if last_saved_step != state.step:
-                        save_last()
-                    raise engine.Preempted(f"pretrain {config.method}: preemption requested; saved {last_path} "
-                                           f"at step {state.step}")
-            if not state.stopped:
-                state.stopped = "max_steps"
-                validated = val_loader is not None and state.last_val_step != state.step
-                if validated:
-                    run_validation()  # the final network is a candidate for best.pt too
-                if validated or last_saved_step != state.step:
-                    save_last()
+        if state.stopped != "early_stopping":  # an early-stopped run stays stopped
+            trainer.run(lambda epoch, offset: training_loader(EpochKeyed(train_set), per_rank, config.seed,
+                                                              config.workers, epoch, offset, info),
+                        lambda batch: (model(*_to(batch, device)), {}), per_rank, len(train_set))
+        if not state.stopped:  # resumed at or past max_steps: the loop had no step to end it in
+            if validation.finish(state) or trainer.saved_step != state.step:
+                trainer.save()
     finally:
-        engine.TRAINING.clear()
-        bar.close()
         log.close()
     elapsed = time.monotonic() - start_time
     steps_run = state.step - start_step
 
     summary = {"method": config.method, "preset": config.preset, "label": LABELS[config.method],
                "steps": state.step, "steps_this_run": steps_run, "stopped": state.stopped,
-               "final_loss": loss_value, "best_val_loss": state.best_val if val_loader is not None else None,
+               "final_loss": trainer.last_loss, "best_val_loss": state.best_val if val_loader is not None else None,
                "best_step": state.best_step if val_loader is not None else None,
                "sigma2": objective.sigma2(), "seconds": elapsed,
                "seconds_per_step": elapsed / steps_run if steps_run else None,

@@ -24,20 +24,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from results.tasks import LINEAR_LAYERS, TASKS as TASK_REGISTRY  # noqa: F401  (LINEAR_LAYERS re-exported)
 from runtime.atomic import TMP_PREFIX, atomic_write
 
 SCHEMA = 1
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 # Headline metric of each task (percent). in1k_linear reports one top-1 per layer.
-HEADLINE = {
-    "voc07_cls": "mAP",
-    "voc07_det": "mAP",
-    "voc12_seg": "mIoU",
-    "in1k_linear": "top1",
-}
+HEADLINE = {name: task.headline for name, task in TASK_REGISTRY.items()}
 TASKS = tuple(HEADLINE)
-LINEAR_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 PACKAGES = ("torch", "torchvision", "numpy", "cpfs-bench")
 REQUIRED_KEYS = (
     "schema", "task", "label", "supervision", "fingerprint", "seed", "preset",
@@ -148,7 +143,7 @@ def validate_record(record: Any) -> None:
     if task == "in1k_linear":
         top1 = metrics[name]
         if not isinstance(top1, dict):
-            raise ValueError(f"in1k_linear metrics['top1'] must map conv1..conv5 to numbers")
+            raise ValueError("in1k_linear metrics['top1'] must map conv1..conv5 to numbers")
         for layer in LINEAR_LAYERS:
             if not _is_number(top1.get(layer)):
                 raise ValueError(f"in1k_linear top1[{layer!r}] must be a finite number, "
@@ -272,8 +267,13 @@ def load_records(results_dir: Path | str) -> list[dict[str, Any]]:
     or not a schema-1 record raises ValueError naming the file: a broken record
     should stop a report, not silently drop a run.
     """
+    return [load_record(path) for path in record_files(results_dir)]
+
+
+def record_files(results_dir: Path | str) -> list[Path]:
+    """The finished record files under ``results_dir``, sorted; ``.tmp-*`` (unfinished writes)
+    left out. Shared by :func:`load_records` and ``results.load``, which also keeps each path."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return []
-    return [load_record(path) for path in sorted(results_dir.rglob("*.json"))
-            if not path.name.startswith(TMP_PREFIX)]
+    return [path for path in sorted(results_dir.rglob("*.json")) if not path.name.startswith(TMP_PREFIX)]

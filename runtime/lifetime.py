@@ -1,6 +1,6 @@
 """Worker processes that end with their parent.
 
-A pool worker of ``pretrain.prepare`` or ``evals.proposals`` that outlives a killed parent (SIGKILL
+A pool worker of ``pretrain.prepare`` or ``evals.detection.proposals`` that outlives a killed parent (SIGKILL
 from the scheduler, an OOM kill, ``kill -9``) keeps decoding a video or running Selective Search
 for minutes, holding CPUs a new run needs, and may write into a folder that run now owns.
 

@@ -12,8 +12,10 @@ seed) is one *cell*, i.e. one ``python -m evals.run`` run and one result record:
     log_dir: slurm_logs/paper    # submitit logs and cells.json (job ids, log paths)
     report_dir: results/report   # where --report writes Table 1/2
     seeds: [0]                   # default seeds of every task
-    checkpoints:                 # name -> path (or `random`), optional row label and supervision
+    checkpoints:                 # name -> path (or `random`), optional row label, supervision and row
       cpfs: {path: runs/cpfs/alexnet_plain.pt, label: Ours, supervision: Optical-flow}
+      cpfs_s1: {path: runs/cpfs_s1/alexnet_plain.pt, label: Ours, row: ours-seeds}  # `row`: pool under one
+      cpfs_s2: {path: runs/cpfs_s2/alexnet_plain.pt, label: Ours, row: ours-seeds}  # table row (evals.run --row)
       random: {path: random}
     slurm:                       # defaults of every job; a task's `resources` override them
       partition: gpu
@@ -39,15 +41,19 @@ grid (``python -m slurm.jobs``); see that module.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from results.tasks import TASKS
+
+REPO_DIR = Path(__file__).resolve().parents[1]
 
 TOP_KEYS = {"name", "base", "preset", "data_root", "results_dir", "work_dir", "log_dir", "report_dir", "seeds",
             "checkpoints", "slurm", "tasks", "prepare", "proposals", "pretrain"}
@@ -56,7 +62,7 @@ SCALAR_KEYS = ("name", "base", "preset") + PATH_KEYS  # what `--set KEY=VALUE` m
 SLURM_KEYS = {"partition", "array_parallelism", "additional_parameters", "setup", "signal_delay_s", "max_num_timeout"}
 RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time", "partition", "tasks", "additional_parameters"}
 TASK_KEYS = {"resources", "seeds", "workers", "set"}
-CHECKPOINT_KEYS = {"path", "label", "supervision"}
+CHECKPOINT_KEYS = {"path", "label", "supervision", "row"}
 DEFAULT_RESOURCES = {"gpus": 0, "cpus": 1, "mem_gb": 4, "time": 60}
 
 
@@ -106,6 +112,7 @@ class Checkpoint:
     path: str            # a file, or "random"
     label: str | None
     supervision: str | None
+    row: str | None = None  # pools checkpoints sharing it under one table row (evals.run --row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,64 +212,24 @@ class Grid:
                                    checkpoints=pick(self.checkpoints, checkpoints, "checkpoint"))
 
     def cells(self) -> list[Cell]:
-        """Every cell, task-major; fingerprints are read from the checkpoint files (``random``:
-        from the seeded initialisation). A checkpoint file that does not exist yet gives cells
-        that are :attr:`Cell.waiting` (no fingerprint, no record path); an unreadable one is an error."""
-        from backbones.checkpoint import read_checkpoint, random_backbone
-        from evals import engine
-        from evals.run import get_args_parser, resolve_config, task_module
-        from results import store
-        from runtime.errors import DatasetError
-
-        file_fingerprints: dict[str, str] = {}
-        random_fingerprints: dict[tuple[int, str], str] = {}
-        data_identities: dict[tuple, str] = {}  # one read of the split lists per task and data config
+        """Every cell, task-major. What each cell records where is asked of ``evals.run`` itself
+        (``--plan``: preset, checkpoint fingerprint, run key, record path), in one subprocess: the
+        grid runs the same command line the jobs run, so it cannot disagree with them, and this
+        package imports nothing from the evaluation code. A checkpoint file that does not exist yet
+        gives cells that are :attr:`Cell.waiting`; an unreadable one or a bad setting is an error."""
+        specs = [(task, ckpt, seed) for task in self.tasks.values() for ckpt in self.checkpoints.values()
+                 for seed in task.seeds]
+        argvs = [self.argv(task, ckpt, seed) for task, ckpt, seed in specs]
+        plans = plan_runs(argvs, self.source)
         cells = []
-        for task in self.tasks.values():
-            for ckpt in self.checkpoints.values():
-                for seed in task.seeds:
-                    argv = self.argv(task, ckpt, seed)
-                    try:
-                        with contextlib.redirect_stderr(io.StringIO()):  # the "+custom" note, once per cell
-                            _, config = resolve_config(task.name, get_args_parser().parse_args(argv))
-                    except SystemExit as err:  # a task not implemented yet, an unknown preset or --set key
-                        raise GridError(f"{self.source}: tasks.{task.name}: {err}") from None
-                    if ckpt.path == "random":
-                        key = (seed, config.layout)
-                        if key not in random_fingerprints:
-                            random_fingerprints[key] = random_backbone(seed, layout=config.layout).fingerprint
-                        fp = random_fingerprints[key]
-                    elif not Path(ckpt.path).exists():
-                        fp = None
-                    else:
-                        if ckpt.path not in file_fingerprints:
-                            try:
-                                file_fingerprints[ckpt.path] = read_checkpoint(ckpt.path).fingerprint
-                            except ValueError as err:  # CheckpointError: one line naming the file
-                                raise GridError(f"{self.source}: checkpoint {ckpt.name!r}: {err}") from None
-                        fp = file_fingerprints[ckpt.path]
-                    key = self._run_key(task.name, config, data_identities, task_module, engine, store,
-                                        DatasetError)
-                    record = (store.record_path(self.results_dir, task.name, fp, seed, config.preset, key)
-                              if fp and key else None)
-                    protocol = json.dumps(engine.protocol_values(config), sort_keys=True)
-                    cells.append(Cell(task.name, ckpt, seed, tuple(argv), config.preset, fp, record,
-                                      task.resources, protocol, self.results_dir / task.name / config.preset))
+        for (task, ckpt, seed), argv, plan in zip(specs, argvs, plans):
+            if "error" in plan:
+                where = f"checkpoint {ckpt.name!r}" if plan["error"].startswith(ckpt.path) else f"tasks.{task.name}"
+                raise GridError(f"{self.source}: {where}: {plan['error']}")
+            cells.append(Cell(task.name, ckpt, seed, tuple(argv), plan["preset"], plan["fingerprint"],
+                              Path(plan["record"]) if plan["record"] else None, task.resources,
+                              json.dumps(plan["protocol"], sort_keys=True), Path(plan["record_dir"])))
         return cells
-
-    @staticmethod
-    def _run_key(task: str, config, cache: dict, task_module, engine, store, dataset_error):
-        """The cell's run key as evals.run computes it (it names the data: a hash of the split lists
-        the harness reads), or None when the data cannot be read from here."""
-        identity_config = {k: v for k, v in engine.config_dict(config).items() if k not in ("ckpt", "seed")}
-        cache_key = (task, repr(sorted(identity_config.items())))
-        if cache_key not in cache:
-            try:
-                splits = task_module(task).load_data(config)[-1]
-                cache[cache_key] = store.run_key(engine.run_identity(task, config, splits))
-            except (dataset_error, FileNotFoundError):
-                cache[cache_key] = None
-        return cache[cache_key]
 
     def argv(self, task: TaskSpec, ckpt: Checkpoint, seed: int) -> list[str]:
         argv = ["--task", task.name, "--preset", self.preset, "--ckpt", ckpt.path, "--seed", str(seed),
@@ -272,6 +239,8 @@ class Grid:
             argv += ["--label", ckpt.label]
         if ckpt.supervision:
             argv += ["--supervision", ckpt.supervision]
+        if ckpt.row:
+            argv += ["--row", ckpt.row]
         if task.workers is not None:
             argv += ["--workers", str(task.workers)]
         for key, value in task.overrides.items():
@@ -279,6 +248,20 @@ class Grid:
                 value = ",".join(str(v) for v in value)
             argv += ["--set", f"{key}={value}"]
         return argv
+
+
+def plan_runs(argvs: list[list[str]], source) -> list[dict]:
+    """``python -m evals.run --plan`` over the cells' command lines (one JSON list per line)."""
+    lines = "".join(json.dumps(argv) + "\n" for argv in argvs)
+    done = subprocess.run([sys.executable, "-m", "evals.run", "--plan"], input=lines, capture_output=True,
+                          text=True, cwd=REPO_DIR)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GridError(f"{source}: could not plan the grid's cells with evals.run --plan: {last}")
+    plans = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    if len(plans) != len(argvs):
+        raise GridError(f"{source}: evals.run --plan answered {len(plans)} of {len(argvs)} cells")
+    return plans
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -321,8 +304,6 @@ def resources(where: str, table: Mapping, defaults: Mapping) -> Resources:
 
 def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Grid:
     """Read and validate a grid file; ``overrides`` replace top-level scalars (``--set``)."""
-    from evals.run import TASKS
-
     source = Path(path)
     try:
         raw = yaml.safe_load(source.read_text())
@@ -352,7 +333,8 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         if "path" not in spec:
             raise GridError(f"{source}: checkpoints.{name} needs a path (a file, or 'random')")
         ckpt_path = "random" if spec["path"] == "random" else str(path_of(spec["path"]))
-        checkpoints[str(name)] = Checkpoint(str(name), ckpt_path, spec.get("label"), spec.get("supervision"))
+        checkpoints[str(name)] = Checkpoint(str(name), ckpt_path, spec.get("label"), spec.get("supervision"),
+                                            None if spec.get("row") is None else str(spec["row"]))
     if not checkpoints:
         raise GridError(f"{source}: checkpoints is empty")
     default_seeds = _seeds(f"{source}: seeds", raw.get("seeds", [0]))

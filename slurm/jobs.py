@@ -12,7 +12,7 @@ Each reads the section of that name in the grid file::
         - [--videos, /data/videos, --out, /data/cpfs_flow, --workers, "8", --no-progress]
       merge: [--out, /data/cpfs_flow, --merge]   # one job after every shard has ended
       resources: {cpus: 8, mem_gb: 16, time: "12:00:00"}
-    proposals:                  # evals.proposals, sharded the same way
+    proposals:                  # evals.detection.proposals, sharded the same way
       shards: 16
       runs:
         - [--voc-root, /datasets/VOCdevkit/VOC2007, --split, trainval, --out, /datasets/proposals]
@@ -40,7 +40,7 @@ from slurm.executor import make_executor
 from slurm.runner import Command
 from slurm.status import read_result, squeue_states
 
-MODULES = {"prepare": "pretrain.prepare", "proposals": "evals.proposals", "pretrain": "pretrain.train"}
+MODULES = {"prepare": "pretrain.prepare", "proposals": "evals.detection.proposals", "pretrain": "pretrain.train"}
 SECTION_KEYS = {"runs", "shards", "merge", "resources"}
 
 

@@ -4,12 +4,12 @@ On preemption or near its time limit SLURM sends SIGUSR2 (submitit asks for it
 ``signal_delay_s`` before the limit). submitit's handler then calls :meth:`Command.checkpoint`,
 pickles what it returns, requeues the job (``scontrol requeue``) and exits; the requeued job
 calls the same command again. Every command we run resumes from its own files: a harness from
-``work_dir/.../checkpoint.pt`` (``evals.engine.Trainer``), pretraining from ``last.pt``
+``work_dir/.../checkpoint.pt`` (``runtime.loop.Trainer``), pretraining from ``last.pt``
 (``--resume``), flow and proposal extraction from the files already written.
 
-While an ``evals.engine.Trainer`` loop runs, the signal is not acted on at once: it sets
-``engine.PREEMPTION``, the trainer saves after the step in progress and raises
-``engine.Preempted``, and only then does submitit's handler requeue. So a preempted cell loses
+While an ``runtime.loop.Trainer`` loop runs, the signal is not acted on at once: it sets
+``loop.PREEMPTION``, the trainer saves after the step in progress and raises
+``loop.Preempted``, and only then does submitit's handler requeue. So a preempted cell loses
 at most one step, and a requeued cell ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ _requeueing = False
 def deferred_preemption():
     """While a Trainer loop runs, turn SIGUSR2 into "save after this step, then requeue"."""
     global _requeueing
-    from evals import engine
+    from runtime import loop
 
     submitit_handler = signal.getsignal(signal.SIGUSR2)
     if not callable(submitit_handler):  # not inside a submitit job: nothing to defer to
@@ -83,18 +83,18 @@ def deferred_preemption():
         _requeueing = False              # ranks other than 0 come back here
 
     def on_signal(signum, frame):
-        if engine.TRAINING.is_set():
+        if loop.TRAINING.is_set():
             print(f"[slurm.runner] caught {signal.Signals(signum).name}: saving after the current step, "
                   f"then requeueing", flush=True)
-            engine.PREEMPTION.set()
+            loop.PREEMPTION.set()
         else:
             requeue(signum, frame)
 
-    engine.PREEMPTION.clear()
+    loop.PREEMPTION.clear()
     signal.signal(signal.SIGUSR2, on_signal)
     try:
         yield
-    except engine.Preempted as stop:
+    except loop.Preempted as stop:
         print(f"[slurm.runner] {stop}", flush=True)
         signal.signal(signal.SIGUSR2, submitit_handler)
         requeue(signal.SIGUSR2, None)
@@ -103,7 +103,7 @@ def deferred_preemption():
         raise
     finally:
         signal.signal(signal.SIGUSR2, submitit_handler)
-        engine.PREEMPTION.clear()
+        loop.PREEMPTION.clear()
 
 
 def main(argv=None) -> int:

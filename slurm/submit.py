@@ -24,7 +24,6 @@ import argparse
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from slurm.grid import Cell, Grid, GridError, load_grid, parse_sets
 from slurm.executor import local_parameters, make_executor, sbatch_preview

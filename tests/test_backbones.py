@@ -56,6 +56,7 @@ def test_activations_stop_early_and_reject_unknown_names():
         model.activations(torch.randn(1, 3, 224, 224), ["fc8"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["caffenet", "torchvision"])
 def test_fold_batchnorm_matches_bn_network_in_eval_mode(layout):
     bn_model = _with_bn_statistics(AlexNet(layout, batchnorm=True))
@@ -119,6 +120,7 @@ def test_sparse_hypercolumn_on_the_network_matches_each_layer():
 
 # --- loading -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchvision_weights_give_torchvision_logits(tmp_path):
     torch.manual_seed(1)
     reference = torchvision.models.alexnet(weights=None).eval()
@@ -204,6 +206,7 @@ def test_fingerprint_identifies_content(tmp_path):
         read_checkpoint(tmp_path / "edited.pt")
 
 
+@pytest.mark.slow
 def test_export_folds_a_pretraining_checkpoint(tmp_path):
     bn_model = _with_bn_statistics(AlexNet("caffenet", batchnorm=True), seed=3)
     train_ckpt = tmp_path / "pretrain.pt"

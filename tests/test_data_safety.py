@@ -25,7 +25,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from evals import proposals
+from evals.detection import proposals
 from evals.datasets import (
     DatasetError,
     ImageNetDataset,
@@ -37,7 +37,8 @@ from evals.datasets import (
     voc12_val_items,
 )
 from evals.datasets.preflight import preflight, preflight_datasets, preflight_voc_split
-from evals.datasets.voc import VOCDetectionDataset
+from evals.datasets.voc import detection_annotations
+from evals.detection.data import VOCDetectionDataset
 from pretrain.data import FlowPairDataset, preflight_flow_pairs, read_manifest
 from pretrain.flow import encode_flow_png
 from runtime.errors import one_line
@@ -266,13 +267,16 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_preflight_passes_clean_demo_data_and_writes_nothing(tiny):
     before = _hashes(tiny)
     lines = []
     voc_root = voc07(tiny)
+    test_annotations = detection_annotations(voc_root, "test")
+    no_proposals = {i: np.zeros((0, 4)) for i in test_annotations}
     reports = preflight_datasets({
         "voc07 trainval": VOCClassificationDataset(voc_root, "trainval"),
-        "voc07 test": VOCDetectionDataset(voc_root, "test"),
+        "voc07 test": VOCDetectionDataset(voc_root, list(test_annotations), test_annotations, no_proposals),
         "train_aug": VOCSegmentationDataset(train_aug_items(tiny)),
         "voc12 val": VOCSegmentationDataset(voc12_val_items(tiny)),
         "imagenet train": ImageNetDataset(tiny / "imagenet", "train"),
@@ -286,14 +290,14 @@ def test_preflight_passes_clean_demo_data_and_writes_nothing(tiny):
 
 
 def test_preflight_sees_through_wrappers_and_id_only_datasets(tiny):
-    class Wrapped(torch.utils.data.Dataset):  # like evals.engine.Augmented
+    class Wrapped(torch.utils.data.Dataset):  # like runtime.data.Augmented
         def __init__(self, base):
             self.base = base
 
         def __len__(self):
             return len(self.base)
 
-    class ByIds:  # like the detection harness's DetectionImages
+    class ByIds:  # like evals.detection.data.VOCDetectionDataset
         voc_root, ids = voc07(tiny), read_split(voc07(tiny) / "ImageSets/Main/test.txt")[:3]
 
     assert preflight(Wrapped(ImageNetDataset(tiny / "imagenet", "val")), "val").decoded > 0
@@ -361,6 +365,7 @@ def test_flow_pairs_preflight(tmp_path):
     assert preflight_flow_pairs(FlowPairDataset(tmp_path, split="val", crop=32), allow_empty=True, log=None).items == 0
 
 
+@pytest.mark.slow
 def test_preflight_of_a_5000_image_split_takes_seconds(tmp_path):
     voc_root = tmp_path / "VOC2007"
     (voc_root / "JPEGImages").mkdir(parents=True)
@@ -435,6 +440,7 @@ def _kill_parent_and_watch_workers(command: list[str], workers: int = 2) -> list
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_proposal_workers_die_with_a_killed_parent(tmp_path):
     voc_root = tmp_path / "VOC2007"
@@ -446,11 +452,12 @@ def test_proposal_workers_die_with_a_killed_parent(tmp_path):
             voc_root / "JPEGImages" / f"{image_id}.jpg", quality=90)
     (voc_root / "ImageSets" / "Main" / "test.txt").write_text("a\nb\n")
     survivors = _kill_parent_and_watch_workers(
-        [sys.executable, "-m", "evals.proposals", "--voc-root", str(voc_root), "--split", "test",
+        [sys.executable, "-m", "evals.detection.proposals", "--voc-root", str(voc_root), "--split", "test",
          "--out", str(tmp_path / "cache"), "--mode", "quality", "--workers", "2"])
     assert survivors == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_prepare_workers_die_with_a_killed_parent(tmp_path):
     # Two "videos" that block their reader forever (FIFOs without a writer), like a hung network mount.

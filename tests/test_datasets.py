@@ -21,7 +21,6 @@ from evals.datasets import (
     DatasetError,
     ImageNetDataset,
     VOCClassificationDataset,
-    VOCDetectionDataset,
     VOCSegmentationDataset,
     classification_labels,
     detection_annotations,
@@ -38,6 +37,7 @@ from evals.datasets import (
 )
 from evals.datasets import demo
 from evals.datasets.voc import labels_from_annotation
+from evals.detection.data import VOCDetectionDataset
 
 SEED = 0
 TINY = demo.SCALES["tiny"]
@@ -139,9 +139,12 @@ def test_voc_torch_datasets(tiny):
     image, labels = cls[0]
     assert len(cls) == TINY.voc07_test and image.shape == (3, 4, 4)
     assert labels.dtype == torch.int64 and labels.shape == (20,)
-    det = VOCDetectionDataset(voc07(tiny), "trainval")
-    image, ann = det[3]
-    assert image.mode == "RGB" and image.size == (ann.width, ann.height) and ann.image_id == det.ids[3]
+    annotations = detection_annotations(voc07(tiny), "trainval")
+    det = VOCDetectionDataset(voc07(tiny), list(annotations), annotations, {i: np.zeros((0, 4)) for i in annotations})
+    image, gt_boxes, gt_labels, proposals = det[3]
+    ann = annotations[det.ids[3]]
+    assert image.mode == "RGB" and image.size == (ann.width, ann.height)
+    assert len(gt_boxes) == len(gt_labels) == sum(not o.difficult for o in ann.objects) and proposals.shape == (0, 4)
 
 
 def test_parse_annotation_details(tmp_path):

@@ -1,4 +1,5 @@
-"""VOC07 detection (P3): proposals cache and .mat import, RoI sampling, box coding, end to end."""
+"""VOC07 detection (P3): proposals cache and .mat import, RoI sampling, box coding, collate, test-time
+detection, devkit files, end to end."""
 import dataclasses
 import re
 
@@ -6,11 +7,15 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from PIL import Image
 
-from evals import proposals, voc07_det
+from evals import engine, metrics, voc07_det
+from evals.detection import boxes as box_ops
+from evals.detection import data, devkit, model, proposals
 from evals.datasets.demo import make_demo
-from evals.datasets.voc import VOC_CLASSES
+from evals.datasets.voc import VOC_CLASSES, detection_annotations
 from results import store
+from runtime.config import sources
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +28,7 @@ def data_root(tmp_path_factory):
 # ----------------------------------------------------------------------------- proposals
 
 
+@pytest.mark.slow
 def test_proposal_cache_round_trip_and_resume(data_root, tmp_path):
     voc_root = data_root / "VOCdevkit" / "VOC2007"
     ids = (voc_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:3]
@@ -91,18 +97,18 @@ def test_roi_sampling_follows_fast_rcnn():
     mid = gt[0] + np.array([15, 15, 15, 15], np.float32) + rng.integers(-3, 4, size=(100, 4))
     far = np.tile(np.array([[300, 300, 340, 340]], np.float32), (50, 1))
     props = np.concatenate([near, mid, far])
-    sample = voc07_det.sample_rois(props, gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
-    iou = voc07_det.box_iou(sample.rois, gt).max(1)
+    sample = box_ops.sample_rois(props, gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
+    iou = box_ops.box_iou(sample.rois, gt).max(1)
     fg = sample.labels > 0
     assert len(sample.rois) == 64 and fg.sum() == 16  # 25% foreground (enough candidates of each)
     assert (iou[fg] >= 0.5).all() and ((iou[~fg] >= 0.1) & (iou[~fg] < 0.5)).all()
     assert set(sample.labels[fg]) <= {3, 15} and (sample.targets[~fg] == 0).all()
     # with no proposals the ground-truth boxes themselves are the foreground RoIs
-    only_gt = voc07_det.sample_rois(np.zeros((0, 4)), gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
+    only_gt = box_ops.sample_rois(np.zeros((0, 4)), gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
     assert np.array_equal(only_gt.rois, gt) and only_gt.labels.tolist() == [3, 15]
     assert np.allclose(only_gt.targets, 0)
     # few foreground candidates: never more than 25%, the rest background
-    few = voc07_det.sample_rois(mid, gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
+    few = box_ops.sample_rois(mid, gt, gt_labels, 64, 0.25, 0.5, (0.1, 0.5), rng)
     assert (few.labels > 0).sum() <= 16
 
 
@@ -112,15 +118,15 @@ def test_box_targets_round_trip_and_normalisation():
     rois = np.stack([rois[:, 0], rois[:, 1], rois[:, 2], rois[:, 3]], 1)
     gt = rois + rng.normal(0, 15, rois.shape)
     gt[:, 2:] = np.maximum(gt[:, 2:], gt[:, :2] + 5)
-    targets = voc07_det.encode_boxes(rois, gt)
-    decoded = voc07_det.decode_boxes(torch.from_numpy(rois).double(), torch.from_numpy(targets).double())
+    targets = box_ops.encode_boxes(rois, gt)
+    decoded = box_ops.decode_boxes(torch.from_numpy(rois).double(), torch.from_numpy(targets).double())
     assert np.allclose(decoded.numpy(), gt, atol=1e-3)
     # a hand example: same centre, twice as wide -> dw = log 2, normalised by 0.2
-    t = voc07_det.encode_boxes(np.array([[0, 0, 9, 9]]), np.array([[-5, 0, 14, 9]]))
+    t = box_ops.encode_boxes(np.array([[0, 0, 9, 9]]), np.array([[-5, 0, 14, 9]]))
     assert np.allclose(t, [[0, 0, np.log(2) / 0.2, 0]], atol=1e-6)
     # class-specific layout: (R, 84) decodes each class's 4 deltas
     deltas = torch.zeros(2, 84)
-    assert torch.allclose(voc07_det.decode_boxes(torch.tensor([[0., 0, 9, 9], [5, 5, 20, 30]]), deltas),
+    assert torch.allclose(box_ops.decode_boxes(torch.tensor([[0., 0, 9, 9], [5, 5, 20, 30]]), deltas),
                           torch.tensor([[0., 0, 9, 9], [5, 5, 20, 30]]).repeat(1, 21))
 
 
@@ -131,33 +137,33 @@ def test_detection_loss_uses_only_foreground_own_class_deltas():
     deltas[1, 4 * 5:4 * 5 + 4] = 2.0     # RoI 1 is class 7, this is class 5's slot: ignored
     deltas[2, :] = 9.0                   # background RoI: ignored
     labels = torch.tensor([3, 7, 0, 0])
-    _, loss_bbox = voc07_det.detection_loss(logits, deltas, labels, torch.zeros(4, 4))
+    _, loss_bbox = model.detection_loss(logits, deltas, labels, torch.zeros(4, 4))
     assert loss_bbox.item() == pytest.approx(4 * 1.5 / 4)   # smooth-L1(2) = 1.5, / 4 RoIs
 
 
 def test_postprocess_nms_and_per_image_cap():
     boxes = torch.tensor([[0., 0, 9, 9], [1, 0, 10, 9], [50, 50, 59, 59]])
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.1, 0.8, 0.0], [0.1, 0.7, 0.2]])
-    per_class = voc07_det.postprocess(boxes, scores, 0.3, 100, 1e-3)
+    per_class = box_ops.postprocess(boxes, scores, 0.3, 100, 1e-3)
     assert len(per_class) == 2
     assert per_class[0][:, 4].tolist() == pytest.approx([0.9, 0.7])  # the overlapping 0.8 box is suppressed
     assert per_class[0][0, :4].tolist() == [1, 1, 10, 10]  # 1-based on the way out
-    capped = voc07_det.postprocess(boxes, scores, 0.3, 2, 1e-3)
+    capped = box_ops.postprocess(boxes, scores, 0.3, 2, 1e-3)
     assert sum(len(d) for d in capped) == 2
 
 
 def test_model_pools_conv5_at_stride_16_and_freezes_conv1():
     config = voc07_det.PRESETS["demo"]
     for layout in ("caffenet", "torchvision"):
-        loaded = voc07_det.engine.load_for_eval("random", 0, num_classes=None, new_head=True, layout=layout)
-        model = voc07_det.build_model(config, loaded)
-        assert model.roi_pool.spatial_scale == 1 / 16
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        loaded = engine.load_for_eval("random", 0, num_classes=None, new_head=True, layout=layout)
+        detector = voc07_det.build_model(config, loaded)
+        assert detector.roi_pool.spatial_scale == 1 / 16
+        frozen = {n for n, p in detector.named_parameters() if not p.requires_grad}
         assert frozen == {"backbone.conv1.weight", "backbone.conv1.bias"}
-        assert model.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
-        assert model.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
-        assert model.bbox_pred.bias.abs().sum() == 0
-        cls_logits, deltas = model(torch.zeros(1, 3, 160, 192), torch.tensor([[0., 10, 10, 100, 120]]))
+        assert detector.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
+        assert detector.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
+        assert detector.bbox_pred.bias.abs().sum() == 0
+        cls_logits, deltas = detector(torch.zeros(1, 3, 160, 192), torch.tensor([[0., 10, 10, 100, 120]]))
         assert cls_logits.shape == (1, 21) and deltas.shape == (1, 84)
 
 
@@ -167,12 +173,159 @@ def test_paper_preset_is_p3():
     assert (paper.momentum, paper.weight_decay, paper.ims_per_batch, paper.rois_per_batch) == (0.9, 5e-4, 2, 128)
     assert paper.train_scales == (480, 576, 688, 864, 1200) and paper.train_max_size == 2000
     assert (paper.test_scale, paper.nms_threshold, paper.max_per_image) == (600, 0.3, 100)
-    assert "test_max_size" in voc07_det.CHOSEN
+    assert sources(paper)["test_max_size"] == "chosen"  # P3: not published
+
+
+def test_collate_pads_images_and_numbers_the_rois_by_image():
+    items = [{"image": torch.rand(3, 10, 12), "rois": torch.tensor([[0., 0, 5, 5], [2, 2, 9, 7]]),
+              "labels": torch.tensor([3, 0]), "targets": torch.rand(2, 4)},
+             {"image": torch.rand(3, 14, 8), "rois": torch.tensor([[1., 1, 4, 6]]),
+              "labels": torch.tensor([7]), "targets": torch.rand(1, 4)}]
+    batch = data.collate_images(items)
+    assert batch["images"].shape == (2, 3, 14, 12)
+    assert torch.equal(batch["images"][0, :, :10, :12], items[0]["image"])
+    assert torch.equal(batch["images"][1, :, :14, :8], items[1]["image"])
+    # the padding is zero: the normalised mean, as Fast R-CNN's blob
+    assert batch["images"][0, :, 10:].abs().sum() == 0 and batch["images"][1, :, :, 8:].abs().sum() == 0
+    assert batch["rois"].tolist() == [[0, 0, 0, 5, 5], [0, 2, 2, 9, 7], [1, 1, 1, 4, 6]]
+    assert batch["labels"].tolist() == [3, 0, 7]
+    assert torch.equal(batch["targets"], torch.cat([items[0]["targets"], items[1]["targets"]]))
+
+
+class ShapeScoredModel(torch.nn.Module):
+    """A stand-in detector for the test path: scores from each RoI's aspect ratio (the same under
+    flips and scales), class-specific width/height regression (dx = dy = 0, so flips mirror it).
+    It records what :func:`detect` gives it: the resized image and the RoIs of each chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.chunks = [], []
+        self.weights = torch.linspace(-2.0, 2.0, model.NUM_CLASSES)
+        self.deltas = torch.zeros(model.NUM_CLASSES, 4)
+        self.deltas[:, 2] = torch.linspace(-1.0, 1.0, model.NUM_CLASSES)   # dw
+        self.deltas[:, 3] = torch.linspace(0.5, -0.5, model.NUM_CLASSES)   # dh
+
+    def features(self, images):
+        self.images.append(images)
+        return images
+
+    def head(self, conv5, rois):
+        self.chunks.append(rois)
+        aspect = (rois[:, 3] - rois[:, 1]) / (rois[:, 4] - rois[:, 2])  # no +1: scale-free
+        return torch.log(aspect)[:, None] * self.weights, self.deltas.reshape(1, -1).repeat(len(rois), 1)
+
+
+def _sorted_rows(per_class):
+    return [d[np.lexsort(d.T[::-1])] for d in per_class]
+
+
+def test_detect_scales_the_image_and_rois_alike_and_mirrors_under_flips():
+    rng = np.random.default_rng(3)
+    width, height = 90, 60
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    xy = rng.uniform(0, [width - 20, height - 20], (40, 2))
+    wh = rng.uniform(5, 40, (40, 2))
+    props = np.floor(np.concatenate([xy, np.minimum(xy + wh, [width - 1, height - 1])], 1)).astype(np.float32)
+    base = dataclasses.replace(voc07_det.PRESETS["demo"], test_roi_chunk=16, max_per_image=1000)
+    results = []
+    for test_scale, max_size in ((60, 1000), (120, 1000), (240, 200)):  # the last one is capped by max_size
+        config = dataclasses.replace(base, test_scale=test_scale, test_max_size=max_size)
+        stub = ShapeScoredModel()
+        per_class = model.detect(stub, image, props, config, "cpu")
+        scale = box_ops.image_scale(width, height, test_scale, max_size)
+        (fed,) = stub.images
+        assert fed.shape == (1, 3, round(height * scale), round(width * scale))
+        assert max(fed.shape[2:]) <= max_size and [len(c) for c in stub.chunks] == [16, 16, 8]
+        rois = torch.cat(stub.chunks)
+        assert (rois[:, 0] == 0).all() and torch.allclose(rois[:, 1:], torch.from_numpy(props) * scale)
+        assert len(per_class) == 20 and all(d.shape[1] == 5 for d in per_class)
+        for d in per_class:  # 1-based, inside the image
+            assert (d[:, :2] >= 1).all() and (d[:, 2] <= width).all() and (d[:, 3] <= height).all()
+        results.append(_sorted_rows(per_class))
+    # boxes come back in the original image's pixels whatever the test scale
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+    # the mirrored image with mirrored proposals gives the mirrored detections
+    config = dataclasses.replace(base, test_scale=120)
+    flipped = model.detect(ShapeScoredModel(), image.transpose(Image.FLIP_LEFT_RIGHT),
+                           box_ops.flip_boxes(props, width), config, "cpu")
+    assert sum(len(d) for d in flipped) > 20
+    for a, b in zip(results[1], flipped):
+        mirrored = b.copy()
+        mirrored[:, 0], mirrored[:, 2] = width + 1 - b[:, 2], width + 1 - b[:, 0]  # 1-based inclusive
+        assert np.allclose(a, _sorted_rows([mirrored])[0], atol=1e-4)
+
+
+class OneHotModel(torch.nn.Module):
+    """Scores one-hot on each proposal's true class, zero box regression: given the ground-truth
+    boxes as the proposals, a perfect detector. ``labels`` holds each image's classes (1..20) in
+    proposal order, images in the order :func:`detect_images` visits them."""
+
+    def __init__(self, labels: list[np.ndarray]):
+        super().__init__()
+        self.labels, self.image, self.offset = labels, -1, 0
+
+    def features(self, images):
+        self.image, self.offset = self.image + 1, 0
+        return images
+
+    def head(self, conv5, rois):
+        labels = torch.from_numpy(self.labels[self.image][self.offset:self.offset + len(rois)])
+        self.offset += len(rois)
+        logits = torch.zeros(len(rois), model.NUM_CLASSES)
+        logits[torch.arange(len(rois)), labels] = 100.0   # softmax: 1 on the class, ~0 elsewhere
+        return logits, torch.zeros(len(rois), 4 * model.NUM_CLASSES)
+
+
+def test_ground_truth_proposals_with_one_hot_scores_give_map_100(data_root, tmp_path):
+    voc_root = data_root / "VOCdevkit" / "VOC2007"
+    annotations = detection_annotations(voc_root, "test")
+    ids = list(annotations)
+    # the proposals as the cache holds them: 1-based VOC boxes, difficult objects included
+    gt_proposals = {i: np.array([o.box for o in annotations[i].objects], np.int32).reshape(-1, 4) for i in ids}
+    labels = [np.array([VOC_CLASSES.index(o.name) + 1 for o in annotations[i].objects], np.int64) for i in ids]
+    config = dataclasses.replace(voc07_det.PRESETS["demo"], test_roi_chunk=2)  # several chunks per image
+    detections, baseline = model.detect_images(OneHotModel(labels), voc_root, ids, gt_proposals, config, "cpu",
+                                               seed=0)
+    truth = devkit.class_annotations(annotations, ids)
+    per_class, mean_ap = metrics.voc_detection_map(detections, truth, use_07_metric=True)
+    assert mean_ap == 1.0 and all(ap == 1.0 for ap in per_class if not np.isnan(ap))
+    assert sum(len(d) for dets in detections for d in dets.values()) == sum(len(b) for b in gt_proposals.values())
+    # the same score from the devkit files, read back
+    devkit.write_devkit_results(detections, tmp_path / "devkit")
+    _, mean_ap_files = metrics.voc_detection_map(devkit.read_devkit_results(tmp_path / "devkit"), truth,
+                                                 use_07_metric=True)
+    assert mean_ap_files == 1.0
+    # the random-score floor on the same boxes is below it
+    assert metrics.voc_detection_map(baseline, truth, use_07_metric=True)[1] < 1.0
+
+
+def test_devkit_files_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    detections = [dict() for _ in VOC_CLASSES]
+    for c in (0, 7, 19):
+        for image_id in ("000001", "000004"):
+            xy = rng.integers(1, 100, (3, 2)).astype(np.float64)
+            detections[c][image_id] = np.concatenate([xy, xy + rng.integers(0, 50, (3, 2)),
+                                                      np.round(rng.random((3, 1)), 6)], 1)
+    paths = devkit.write_devkit_results(detections, tmp_path)
+    assert [p.name for p in paths] == [f"comp4_det_test_{c}.txt" for c in VOC_CLASSES]
+    assert paths[1].read_text() == ""  # a class without detections still gets its (empty) file
+    back = devkit.read_devkit_results(tmp_path)
+    for written, read in zip(detections, back):
+        assert list(read) == list(written)
+        for image_id in written:
+            assert np.allclose(read[image_id], written[image_id], atol=5e-7)
+    (tmp_path / "comp4_det_test_cat.txt").write_text("000001 0.5 1.0 2.0\n")
+    with pytest.raises(ValueError, match="comp4_det_test_cat.txt:1"):
+        devkit.read_devkit_results(tmp_path)
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_detector_trains_end_to_end_and_writes_record_and_devkit_files(data_root, tmp_path):
     config = dataclasses.replace(
         voc07_det.PRESETS["demo"], data_root=str(data_root), work_dir=str(tmp_path / "work"),
@@ -187,11 +340,11 @@ def test_detector_trains_end_to_end_and_writes_record_and_devkit_files(data_root
     for key in ("coco_AP", "coco_AP50", "random_score_mAP"):
         assert key in record["metrics"]
     assert "11-point" in record["metric_definitions"]["AP"]
-    devkit = sorted((tmp_path / "work" / "voc07_det" / "demo").glob("*/devkit/comp4_det_test_*.txt"))
-    assert [p.name for p in devkit] == sorted(f"comp4_det_test_{c}.txt" for c in VOC_CLASSES)
+    devkit_files = sorted((tmp_path / "work" / "voc07_det" / "demo").glob("*/devkit/comp4_det_test_*.txt"))
+    assert [p.name for p in devkit_files] == sorted(f"comp4_det_test_{c}.txt" for c in VOC_CLASSES)
     test_ids = set((data_root / "VOCdevkit/VOC2007/ImageSets/Main/test.txt").read_text().split())
     line = re.compile(r"^(\S+) (\d+\.\d{6}) (\d+\.\d) (\d+\.\d) (\d+\.\d) (\d+\.\d)$")
-    lines = [raw for path in devkit for raw in path.read_text().splitlines()]
+    lines = [raw for path in devkit_files for raw in path.read_text().splitlines()]
     assert lines
     for raw in lines:
         m = line.match(raw)

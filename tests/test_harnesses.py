@@ -7,7 +7,7 @@ import torch
 
 from backbones import AlexNet
 from backbones.checkpoint import save_backbone
-from evals import in1k_linear, voc07_cls
+from evals import engine, in1k_linear, voc07_cls
 from evals.datasets.demo import make_demo
 from evals.run import main as run_main
 from results import store
@@ -26,6 +26,7 @@ def _config(module, data_root, tmp_path, **changes):
     return dataclasses.replace(base, **changes)
 
 
+@pytest.mark.slow
 def test_voc07_cls_end_to_end_writes_a_valid_record(data_root, tmp_path):
     model = AlexNet("caffenet")
     ckpt = tmp_path / "model.pt"
@@ -52,13 +53,14 @@ def test_voc07_cls_end_to_end_writes_a_valid_record(data_root, tmp_path):
 
 def test_voc07_cls_fc8_only_setting_freezes_the_rest(data_root, tmp_path):
     config = _config(voc07_cls, data_root, tmp_path, train_layers="fc8")
-    model = voc07_cls.build_model(config, voc07_cls.engine.load_for_eval("random", 0, num_classes=20, new_head=True))
+    model = voc07_cls.build_model(config, engine.load_for_eval("random", 0, num_classes=20, new_head=True))
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc8"}
     assert torch.allclose(model.fc8.bias, torch.full((20,), 0.1))
     assert model.fc8.weight.std().item() == pytest.approx(0.01, rel=0.1)
 
 
+@pytest.mark.slow
 def test_in1k_linear_end_to_end_through_the_cli(data_root, tmp_path, capsys):
     args = ["--task", "in1k_linear", "--preset", "demo", "--ckpt", "random", "--seed", "2",
             "--data-root", str(data_root), "--work-dir", str(tmp_path / "work"),

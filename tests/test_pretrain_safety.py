@@ -20,7 +20,8 @@ from pretrain import export as pretrain_export
 from pretrain import train as pretrain_train
 from pretrain import visualize as pretrain_visualize
 from pretrain.model import load_pretrain_checkpoint
-from pretrain.train import Config, NonFiniteLossError, main, non_finite_message, train
+from pretrain.train import Config, main, train
+from runtime.loop import non_finite_message
 from runtime.errors import ConfigError, RunError
 from test_train import write_flow_folder
 
@@ -86,6 +87,7 @@ def evil_checkpoint(path: Path, marker: Path) -> Path:
 
 # --- 1. no run destroys an earlier one -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fresh_run_into_a_finished_folder_refuses_and_changes_nothing(data, finished, capsys):
     before = hashes(finished)
     assert {"best.pt", "last.pt", "log.jsonl", "config.json", "alexnet_plain.pt"} <= set(before)
@@ -96,6 +98,7 @@ def test_fresh_run_into_a_finished_folder_refuses_and_changes_nothing(data, fini
     assert hashes(finished) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_mistyped_data_fails_before_the_run_folder_is_touched(finished, tmp_path, capsys, overwrite):
     before = hashes(finished)
@@ -114,6 +117,7 @@ def test_mistyped_data_fails_before_the_run_folder_is_touched(finished, tmp_path
     assert not list(finished.glob("replaced-*"))
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_files_aside_and_removes_stale_temps(data, finished_copy, capsys):
     before = hashes(finished_copy)
     stale = finished_copy / f".tmp-last.pt.{dead_pid()}.abc123"  # a save killed half-way
@@ -127,6 +131,7 @@ def test_overwrite_moves_the_old_files_aside_and_removes_stale_temps(data, finis
     assert "moved the earlier files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_refuses_naming_the_fields(data, finished_copy):
     before = hashes(finished_copy)
     with pytest.raises(RunError, match=r"last\.pt was written with other settings: lr \(saved 0\.0001, now 0\.001\), "
@@ -235,6 +240,7 @@ def _fail_checkpoint_fsync(monkeypatch) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_folder_and_keeps_the_earlier_checkpoints(data, finished, tmp_path, capsys,
                                                                         monkeypatch):
     """Resume a finished run on a disk with room for its files but not for one more checkpoint."""
@@ -298,6 +304,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["finished_folder", "bad_setting", "planted_pickle"])
 def test_the_command_line_ends_with_one_error_line_and_no_traceback(data, finished, tmp_path, case):
     before = hashes(finished)

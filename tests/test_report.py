@@ -2,10 +2,13 @@
 
 import csv
 import io
+import math
 import re
 
+import pandas as pd
 import pytest
 
+import results
 from results import report, store
 
 # Typed in from the paper's Tables 1 and 2 (method, values, bold columns), kept
@@ -210,7 +213,7 @@ def test_cli_writes_all_six_files(tmp_path, capsys):
     runs = tmp_path / "runs"
     store.write_record(_rec("voc12_seg", {"mIoU": 42.0}), runs)
     out = tmp_path / "report"
-    assert report.main(["--results-dir", str(runs), "--out", str(out)]) == 0
+    assert report.main(["--results-dir", str(runs), "--out", str(out), "--no-figures"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"table{t}.{f}" for t in (1, 2) for f in ("md", "tex", "csv"))
     printed = capsys.readouterr().out
@@ -229,3 +232,125 @@ def test_cli_no_runs_and_formats(tmp_path, capsys):
     assert report.RUN_BLOCK not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         report.main(["--out", str(out), "--formats", "pdf"])
+
+
+# ---------------------------------------------------------------- results.load and the row rule
+
+FP_A, FP_B, FP_C = "1a2b3c4d" * 8, "5e6f7a8b" * 8, "9c0d1e2f" * 8
+PAPER_META = {"label": "Ours", "method": "cpfs", "preset": "paper", "step": 100}
+
+
+def _ckpt_rec(task, metrics, fingerprint, seed=0, meta=None, row=None, preset="paper", label="Ours"):
+    """A record as evals.engine.save_record writes it: with the checkpoint's meta, maybe a row."""
+    record = store.make_record(task, metrics, label=label, supervision="Optical-flow",
+                               fingerprint=fingerprint, seed=seed, preset=preset,
+                               config={"row": row, "lr": 0.001},
+                               provenance={"host": "h", "packages": {"torch": "2.0"}})
+    record["run_key"] = "0123456789ab"
+    if meta is not None:
+        record["checkpoint"] = {"source": "x.pt", "format": "cpfs-pretrain", "load_report": {}, "meta": meta}
+    return record
+
+
+def test_load_round_trip(tmp_path):
+    meta = {**PAPER_META, "overrides": {"batch_size": 8}, "manifest_hash": "feed"}
+    paths = [store.write_record(_ckpt_rec("voc07_cls", {"mAP": 64.4, "per_class_AP": {"cat": 70.0}},
+                                          FP_A, meta=meta), tmp_path),
+             store.write_record(_ckpt_rec("in1k_linear", _linear([15.0, 24.8, 28.9, 29.4, 28.0]),
+                                          FP_B, seed=1, row="ours-seeds"), tmp_path)]
+    frame = results.load(tmp_path)
+    assert len(frame) == 2
+    assert set(results.IDENTITY_COLUMNS) <= set(frame.columns)
+    assert {"mAP", "per_class_AP.cat", "top1.conv3", "provenance.host", "provenance.packages.torch"} <= set(
+        frame.columns)
+    cls = frame[frame["task"] == "voc07_cls"].iloc[0]
+    assert (cls["label"], cls["supervision"], cls["fingerprint"], cls["seed"], cls["preset"], cls["run_key"]) == (
+        "Ours", "Optical-flow", FP_A, 0, "paper", "0123456789ab")
+    assert (cls["pretrain_method"], cls["pretrain_preset"], cls["pretrain_steps"]) == ("cpfs", "paper", 100)
+    assert cls["pretrain_overrides"] == {"batch_size": 8} and cls["pretrain_manifest"] == "feed"
+    assert cls["row"] == FP_A  # no explicit row: the checkpoint is its own row
+    assert cls["mAP"] == 64.4 and cls["per_class_AP.cat"] == 70.0 and math.isnan(cls["top1.conv3"])
+    assert cls["provenance.host"] == "h" and cls["provenance.packages.torch"] == "2.0"
+    linear = frame[frame["task"] == "in1k_linear"].iloc[0]
+    assert linear["row"] == "ours-seeds" and linear["top1.conv3"] == 28.9
+    assert all(pd.isna(linear[c]) for c in ("pretrain_method", "pretrain_preset", "pretrain_steps",
+                                            "pretrain_manifest"))  # no checkpoint meta: no pretraining
+    assert sorted(frame["path"]) == sorted(str(p) for p in paths)
+
+    empty = results.load(tmp_path / "nothing")
+    assert empty.empty and list(empty.columns) == list(results.IDENTITY_COLUMNS)
+
+
+def test_two_checkpoints_with_one_label_give_two_rows():
+    records = [_ckpt_rec("voc07_cls", {"mAP": 60.0 + s}, FP_A, seed=s, meta=PAPER_META) for s in range(3)]
+    records += [_ckpt_rec("voc07_cls", {"mAP": 70.0 + s}, FP_B, seed=s, meta=PAPER_META) for s in range(3)]
+    runs = _csv_rows(_build(report.TABLE1, records)["csv"])[28:]
+    assert [r["method"] for r in runs] == ["Ours [ckpt 1a2b3c4d]", "Ours [ckpt 5e6f7a8b]"]
+    assert [r["voc07_cls"] for r in runs] == ["61.0 ± 1.0 (n=3)", "71.0 ± 1.0 (n=3)"]  # never pooled
+    assert runs[1]["bold"] == "voc07_cls" and runs[0]["bold"] == ""  # both are paper rows
+
+
+def test_demo_pretrained_checkpoint_is_non_paper_even_at_paper_eval():
+    demo_meta = {**PAPER_META, "preset": "demo", "step": 3}
+    records = [_ckpt_rec("voc07_cls", {"mAP": 99.0}, FP_C, meta=demo_meta),
+               _ckpt_rec("in1k_linear", _linear([99.0] * 5), FP_C, meta=demo_meta)]
+    for spec in report.TABLES:
+        texts = _build(spec, records)
+        row = _csv_rows(texts["csv"])[-1]
+        assert row["method"] == "Ours [pretrained: demo]"
+        assert row["bold"] == "" and row["bold_group"] == "" and "not comparable" in row["note"]
+        assert "Ours [pretrained: demo] †" in texts["md"] and "**99.0" not in texts["md"]
+        assert r"\textbf{99.0" not in texts["tex"]
+    # A +custom pretraining preset is not the paper's either; direct_paper is.
+    custom = [_ckpt_rec("voc07_cls", {"mAP": 99.0}, FP_C, meta={**PAPER_META, "preset": "paper+custom"})]
+    assert _csv_rows(_build(report.TABLE1, custom)["csv"])[-1]["method"] == "Ours [pretrained: paper+custom]"
+    direct = [_ckpt_rec("voc07_cls", {"mAP": 99.0}, FP_C, label="Ours direct reg.",
+                        meta={**PAPER_META, "method": "direct", "preset": "direct_paper"})]
+    assert _csv_rows(_build(report.TABLE1, direct)["csv"])[-1]["bold"] == "voc07_cls"
+
+
+def test_row_pools_checkpoints_and_the_count_says_both():
+    records = [_ckpt_rec("voc07_cls", {"mAP": value}, fp, seed=s, meta=PAPER_META, row="ours-seeds")
+               for fp, values in ((FP_A, (60.0, 61.0, 62.0)), (FP_B, (63.0, 64.0, 65.0)))
+               for s, value in enumerate(values)]
+    texts = _build(report.TABLE1, records)
+    runs = _csv_rows(texts["csv"])[28:]
+    assert len(runs) == 1 and runs[0]["method"] == "Ours"
+    assert runs[0]["voc07_cls"] == "62.5 ± 1.9 (n=6: 2 ckpts × 3 seeds)"  # std over all six, ddof=1
+    assert r"(n=6: 2 ckpts $\times$ 3 seeds)" in texts["tex"]
+    # Without the shared row the same records give one row per checkpoint.
+    for record in records:
+        record["config"]["row"] = None
+    assert len(_csv_rows(_build(report.TABLE1, records)["csv"])[28:]) == 2
+
+
+def test_report_writes_figures(tmp_path):
+    runs = tmp_path / "runs"
+    store.write_record(_ckpt_rec("in1k_linear", _linear([16.0, 25.0, 29.0, 30.0, 28.5]), FP_A, meta=PAPER_META),
+                       runs)
+    store.write_record(_ckpt_rec("voc07_cls", {"mAP": 50.0}, FP_C, preset="demo",
+                                 meta={**PAPER_META, "preset": "demo"}), runs)
+    out = tmp_path / "report"
+    assert report.main(["--results-dir", str(runs), "--out", str(out), "--formats", "md"]) == 0
+    for name in ("table1", "table2"):
+        png, pdf = out / f"{name}.png", out / f"{name}.pdf"
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+        assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 1_000
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"table{t}.{f}" for t in (1, 2) for f in ("md", "png", "pdf"))
+
+
+def test_row_flag_reaches_config_and_grid(tmp_path):
+    from evals import run
+    from slurm.grid import load_grid
+    args = run.get_args_parser().parse_args(["--task", "voc07_cls", "--preset", "demo", "--row", "ours-seeds"])
+    _, config = run.resolve_config("voc07_cls", args)
+    assert config.row == "ours-seeds" and config.preset == "demo"  # operational: no +custom
+    grid = tmp_path / "g.yaml"
+    grid.write_text("results_dir: r\nlog_dir: l\ntasks: {voc07_cls: {}}\n"
+                    "checkpoints: {a: {path: random, label: Ours, row: ours-seeds}, b: {path: random}}\n")
+    loaded = load_grid(grid)
+    task = loaded.tasks["voc07_cls"]
+    argv = loaded.argv(task, loaded.checkpoints["a"], 0)
+    assert argv[argv.index("--row") + 1] == "ours-seeds"
+    assert "--row" not in loaded.argv(task, loaded.checkpoints["b"], 0)

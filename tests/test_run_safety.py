@@ -9,7 +9,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,13 @@ import torch
 
 from backbones import AlexNet
 from backbones.checkpoint import CheckpointError, load_backbone, save_backbone
-from evals import engine
 from evals.datasets.demo import make_demo
 from evals.run import main as run_main
 from results import store
 from runtime import atomic
 from runtime.errors import RunError
 from runtime.safe_load import safe_torch_load
+from runtime import loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["iterations=2", "crop=64", "test_views=1", "checkpoint_every=1"]
@@ -48,6 +47,7 @@ def records(tmp_path):
 
 # --- a run is identified by its protocol values and its data ------------------------------------------
 
+@pytest.mark.slow
 def test_runs_differing_in_a_set_value_get_two_records_and_never_share_a_checkpoint(data_root, tmp_path, capsys):
     assert run_main(cls_args(data_root, tmp_path, "iterations=3")) == 0
     assert run_main(cls_args(data_root, tmp_path)) == 0  # iterations=2: used to return the 3-step record
@@ -69,6 +69,7 @@ def test_runs_differing_in_a_set_value_get_two_records_and_never_share_a_checkpo
     assert len(records(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_another_data_root_with_other_split_lists_gets_its_own_record(data_root, tmp_path):
     other = tmp_path / "other_data"
     shutil.copytree(data_root, other)
@@ -92,7 +93,7 @@ def test_another_data_root_with_other_split_lists_gets_its_own_record(data_root,
 def test_resume_refuses_a_checkpoint_saved_by_another_configuration(tmp_path):
     def trainer(identity):
         model = torch.nn.Linear(2, 2)
-        return engine.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+        return loop.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
                               total_steps=1, work_dir=tmp_path, checkpoint_every=1, identity=identity)
     saved = {"task": "voc07_cls", "protocol": {"iterations": 6, "lr": 0.01}, "split_hash": "a"}
     trainer(saved).save()
@@ -118,6 +119,7 @@ def _plant(path: Path, marker: Path) -> None:
         pickle.dump({"model": _Payload(marker), "state": {"step": 1}}, handle)
 
 
+@pytest.mark.slow
 def test_planted_work_dir_checkpoint_is_refused_and_runs_nothing(data_root, tmp_path, capsys):
     assert run_main(cls_args(data_root, tmp_path)) == 0
     (checkpoint,) = (tmp_path / "work").rglob("checkpoint.pt")
@@ -235,12 +237,13 @@ def test_temp_files_of_killed_writers_are_removed_on_the_next_start(tmp_path):
     stale.write_bytes(b"half")
     live.write_bytes(b"half")
     model = torch.nn.Linear(2, 2)
-    trainer = engine.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+    trainer = loop.Trainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
                              total_steps=1, work_dir=tmp_path, checkpoint_every=1)
     assert not trainer.resume()
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_truncated_work_dir_checkpoint_says_to_start_over(data_root, tmp_path, capsys):
     assert run_main(cls_args(data_root, tmp_path)) == 0
     (checkpoint,) = (tmp_path / "work").rglob("checkpoint.pt")
@@ -260,6 +263,7 @@ def _cli(*argv, cwd=REPO):
     return out.returncode, lines
 
 
+@pytest.mark.slow
 def test_command_lines_end_in_one_line_errors(data_root, tmp_path):
     truncated_record = tmp_path / "results" / "voc07_cls" / "demo" / "0123456789abcdef-seed0.json"
     truncated_record.parent.mkdir(parents=True)
@@ -283,6 +287,7 @@ def test_command_lines_end_in_one_line_errors(data_root, tmp_path):
         assert not any("Traceback" in line for line in lines), (argv, lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["corrupt_test_image", "empty_test_split"])
 def test_bad_data_stops_the_run_before_the_first_training_step(data_root, tmp_path, capsys, damage):
     broken = tmp_path / "data"

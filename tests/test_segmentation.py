@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from backbones import AlexNet
-from backbones.checkpoint import fingerprint, random_backbone, save_backbone
+from backbones.checkpoint import random_backbone, save_backbone
 from backbones.hypercolumn import sparse_hypercolumn
 from evals import engine, voc12_seg
 from evals.datasets.demo import make_demo
@@ -19,6 +19,7 @@ from evals.datasets.sbd import train_aug_items, voc12_val_items
 from evals.datasets.voc import VOID_LABEL
 from evals.run import main as run_main
 from results import store
+from runtime import loop
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,7 @@ def reference_run(data_root, tmp_path_factory):
     return config, metrics, work
 
 
+@pytest.mark.slow
 def test_stage1_freezes_backbone_and_stage2_changes_it(reference_run):
     config, _, work = reference_run
     torch.manual_seed(config.seed)  # as run() does before building the head
@@ -125,11 +127,12 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_exact_resume_across_the_stage_boundary(reference_run, data_root, tmp_path, monkeypatch):
     reference, reference_metrics, reference_work = reference_run
     expected = _tensors(reference_work / "stage2" / "checkpoint.pt")
     config = _config(data_root, tmp_path)
-    original_save, saves = engine.Trainer.save, []
+    original_save, saves = loop.Trainer.save, []
     crash_after = {2, 3}  # stage 1's last checkpoint (the boundary), then stage 2's first
 
     def crashing_save(self):
@@ -138,7 +141,7 @@ def test_exact_resume_across_the_stage_boundary(reference_run, data_root, tmp_pa
         if len(saves) in crash_after:
             raise Interrupted
 
-    monkeypatch.setattr(engine.Trainer, "save", crashing_save)
+    monkeypatch.setattr(loop.Trainer, "save", crashing_save)
     for _ in crash_after:
         with pytest.raises(Interrupted):
             voc12_seg.run(config)
@@ -157,6 +160,7 @@ def fingerprint_of_random():
     return engine.load_for_eval("random", 0, num_classes=None, new_head=True).fingerprint
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_a_valid_record_and_pictures(data_root, tmp_path):
     model = AlexNet("caffenet")
     ckpt = tmp_path / "model.pt"

@@ -21,12 +21,13 @@ from torch import nn
 
 from backbones import AlexNet
 from backbones.checkpoint import save_backbone
-from evals import engine
 from evals.datasets.demo import make_demo
 from results import store
 from slurm import jobs, status, submit
 from slurm.grid import GridError, load_grid, parse_time
 from slurm.localcluster import ClusterUnavailable, LocalCluster
+from runtime import loop
+from runtime import data as rdata
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLS = {"iterations": 4, "crop": 64, "test_views": 2, "checkpoint_every": 2}
@@ -187,7 +188,7 @@ def test_every_job_kind_gets_the_grids_signal_and_timeout_settings(tmp_path):
 def test_jobs_dry_run_lists_the_sharded_commands(capsys):
     assert jobs.main(["proposals", str(REPO / "slurm" / "paper.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "32 job(s) of evals.proposals" in out and "--split test" in out and "--shard-index 15 --num-shards 16" in out
+    assert "32 job(s) of evals.detection.proposals" in out and "--split test" in out and "--shard-index 15 --num-shards 16" in out
 
 
 def test_dry_run_prints_every_cell_with_its_sbatch_lines(tmp_path, assets, capsys):
@@ -207,7 +208,7 @@ class _Indices(torch.utils.data.Dataset):
     def __len__(self):
         return 40
 
-    def __getitem__(self, key):  # (epoch, index) from engine.EpochSampler
+    def __getitem__(self, key):  # (epoch, index) from rdata.EpochSampler
         return key[1]
 
 
@@ -216,26 +217,26 @@ def test_trainer_saves_at_a_preemption_request_and_resumes_exactly(tmp_path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        trainer = engine.Trainer(model=model, optimizer=opt, scheduler=None, total_steps=10, work_dir=work_dir,
+        trainer = loop.Trainer(model=model, optimizer=opt, scheduler=None, total_steps=10, work_dir=work_dir,
                                  checkpoint_every=4)
         trainer.resume()
         x, y = torch.randn(40, 4, generator=torch.Generator().manual_seed(1)), torch.arange(40) % 3
 
         def step(index):
             if trainer.state.step + 1 == preempt_at:
-                engine.PREEMPTION.set()  # what slurm.runner's SIGUSR2 handler does
+                loop.PREEMPTION.set()  # what slurm.runner's SIGUSR2 handler does
             return nn.functional.cross_entropy(model(x[index]), y[index]), {}
         try:
-            trainer.run(lambda e, o: engine.training_loader(_Indices(), 4, 0, 0, e, o), step, 4, 40)
+            trainer.run(lambda e, o: rdata.training_loader(_Indices(), 4, 0, 0, e, o), step, 4, 40)
         finally:
-            engine.PREEMPTION.clear()
+            loop.PREEMPTION.clear()
         return model, trainer
 
     straight, _ = train(tmp_path / "a")
-    with pytest.raises(engine.Preempted, match="at step 6"):
+    with pytest.raises(loop.Preempted, match="at step 6"):
         train(tmp_path / "b", preempt_at=6)  # between the checkpoints at 4 and 8: saved at 6 anyway
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["state"]["step"] == 6
-    assert not engine.TRAINING.is_set()
+    assert not loop.TRAINING.is_set()
     resumed, trainer = train(tmp_path / "b")
     assert trainer.state.step == 10
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):

@@ -14,6 +14,7 @@ from pretrain.flow import encode_flow_png
 from pretrain.model import load_pretrain_checkpoint
 from pretrain.train import Config, NonFiniteLossError, main, train
 from pretrain.visualize import visualize
+from runtime import loop
 
 
 def write_flow_folder(root, train_pairs=6, val_pairs=2, size=(232, 240)):
@@ -118,23 +119,22 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted(data, straight, tmp_pat
 
 
 def test_preemption_saves_after_the_step_in_progress_and_resume_matches(data, straight, tmp_path, monkeypatch):
-    from evals import engine
     calls = {"n": 0}
     real_loss = pretrain_train.cpfs_loss
 
     def preempted_during_step_3(*args):  # what slurm.runner's SIGUSR2 handler does mid-step
         calls["n"] += torch.is_grad_enabled()  # training steps only, not validation
         if calls["n"] == 3:
-            engine.PREEMPTION.set()
+            loop.PREEMPTION.set()
         return real_loss(*args)
 
     monkeypatch.setattr(pretrain_train, "cpfs_loss", preempted_during_step_3)
     try:
-        with pytest.raises(engine.Preempted, match="at step 3"):  # checkpoints are every 2 steps
+        with pytest.raises(loop.Preempted, match="at step 3"):  # checkpoints are every 2 steps
             train(tiny(data, tmp_path))
     finally:
-        engine.PREEMPTION.clear()
-    assert not engine.TRAINING.is_set()
+        loop.PREEMPTION.clear()
+    assert not loop.TRAINING.is_set()
     assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["state"]["step"] == 3
     monkeypatch.setattr(pretrain_train, "cpfs_loss", real_loss)
     assert train(tiny(data, tmp_path, resume=True))["steps_this_run"] == 1

@@ -15,17 +15,15 @@ the splits a run will read before it trains.
 """
 from __future__ import annotations
 
+from runtime.errors import DatasetError  # noqa: F401  (re-exported)
 
-from runtime.errors import DatasetError  # noqa: E402  (re-exported: submodules import it from here)
-
-from .imagenet import ImageNetDataset, imagenet_classes, imagenet_samples  # noqa: E402
-from .sbd import read_sbd_mask, train_aug_items, voc12_val_items, write_sbd_mat  # noqa: E402
-from .voc import (  # noqa: E402
+from .imagenet import ImageNetDataset, imagenet_classes, imagenet_samples
+from .sbd import read_sbd_mask, train_aug_items, voc12_val_items, write_sbd_mat
+from .voc import (
     VOC_CLASSES,
     VOC_PALETTE,
     VOCAnnotation,
     VOCClassificationDataset,
-    VOCDetectionDataset,
     VOCObject,
     VOCSegmentationDataset,
     classification_labels,
@@ -41,7 +39,7 @@ __all__ = [
     "VOC_CLASSES", "VOC_PALETTE", "VOCAnnotation", "VOCObject",
     "read_split", "parse_annotation", "classification_labels", "detection_annotations",
     "read_segmentation_mask", "write_segmentation_mask",
-    "VOCClassificationDataset", "VOCDetectionDataset", "VOCSegmentationDataset",
+    "VOCClassificationDataset", "VOCSegmentationDataset",
     "read_sbd_mask", "write_sbd_mat", "train_aug_items", "voc12_val_items",
     "imagenet_classes", "imagenet_samples", "ImageNetDataset",
 ]

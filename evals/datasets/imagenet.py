@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from runtime.paths import check_relative
 
-from . import DatasetError
+from runtime.errors import DatasetError
 from .voc import load_rgb
 
 OFFICIAL_COUNTS = {"classes": 1000, "train": 1281167, "val": 50000}

@@ -18,9 +18,9 @@ Entry points::
     preflight_voc_split(voc_root, "test")                          # a split read by ids only
     preflight(dataset, "trainval")                                 # one dataset
 
-Datasets understood: ``VOCClassificationDataset``, ``VOCDetectionDataset``,
-``VOCSegmentationDataset``, ``ImageNetDataset``, anything with ``paths`` (image files) or with
-``voc_root`` and ``ids`` (e.g. the detection harness's ``DetectionImages``), and wrappers
+Datasets understood: ``VOCClassificationDataset``, ``VOCSegmentationDataset``,
+``ImageNetDataset``, anything with ``paths`` (image files) or with ``voc_root`` and ``ids`` (e.g.
+``evals.detection.data.VOCDetectionDataset``), and wrappers
 holding one of those as ``base`` or ``dataset`` (e.g. ``engine.Augmented``).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from runtime.preflight import (
     sample_indices,
 )
 
-from . import DatasetError
+from runtime.errors import DatasetError
 from .imagenet import ImageNetDataset
 from .sbd import read_sbd_mask
 from .voc import (

@@ -21,10 +21,10 @@ import numpy as np
 import scipy.io
 import scipy.sparse
 
-from . import DatasetError
+from runtime.errors import DatasetError
 from runtime.errors import MissingFileError
 
-from .voc import VOC_CLASSES, SplitItems, read_split, segmentation_items, voc_dir
+from .voc import MASK_READERS, VOC_CLASSES, SplitItems, read_split, segmentation_items, voc_dir
 
 OFFICIAL_COUNTS = {"train": 8498, "val": 2857, "train_aug": 10582}
 
@@ -151,5 +151,7 @@ def train_aug_items(data_root) -> list[tuple[str, Path, Path]]:
         items.append((i, image, mask))
     return items
 
+
+MASK_READERS[".mat"] = read_sbd_mask  # train_aug mixes VOC PNGs and SBD .mat masks in one dataset
 
 __all__ = ["OFFICIAL_COUNTS", "sbd_dir", "read_sbd_mask", "write_sbd_mat", "train_aug_items", "voc12_val_items"]

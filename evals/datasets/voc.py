@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from runtime.images import image_error, load_image
 from runtime.paths import check_relative
 
-from . import DatasetError
+from runtime.errors import DatasetError
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -343,14 +343,20 @@ def write_segmentation_mask(path, mask) -> None:
     image.save(path, format="PNG")
 
 
+# Mask file formats by suffix. This module knows VOC's palette PNGs; other formats plug their
+# reader in where they are defined (evals.datasets.sbd adds SBD's ".mat"), so that a split mixing
+# both (train_aug) is read by one dataset without the VOC reader knowing SBD.
+MASK_READERS: dict[str, Callable[[Path], np.ndarray]] = {".png": read_segmentation_mask}
+
+
 def read_mask(source) -> np.ndarray:
-    """A mask from a ``.png`` (VOC), a ``.mat`` (SBD) or a zero-argument callable."""
+    """A mask from a file of a registered format (:data:`MASK_READERS`) or a zero-argument callable."""
     if callable(source):
         return np.asarray(source(), dtype=np.uint8)
-    if Path(source).suffix.lower() == ".mat":
-        from .sbd import read_sbd_mask  # sbd imports this module
-        return read_sbd_mask(source)
-    return read_segmentation_mask(source)
+    reader = MASK_READERS.get(Path(source).suffix.lower())
+    if reader is None:
+        raise DatasetError(f"{source}: no reader for {Path(source).suffix!r} masks (known: {sorted(MASK_READERS)})")
+    return reader(source)
 
 
 def segmentation_items(voc_root, split: str) -> list[tuple[str, Path, Path]]:
@@ -387,23 +393,6 @@ class VOCClassificationDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.from_numpy(self.labels[index].copy())
-
-
-class VOCDetectionDataset(Dataset):
-    """``(PIL RGB image, VOCAnnotation)`` for ``Main/<split>.txt`` (P3)."""
-
-    def __init__(self, voc_root, split: str):
-        self.voc_root = Path(voc_root)
-        self.split_file = self.voc_root / "ImageSets" / "Main" / f"{split}.txt"
-        self.annotations = detection_annotations(voc_root, split)
-        self.ids = list(self.annotations)
-        self.paths = [image_path(voc_root, i) for i in self.ids]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int):
-        return load_rgb(self.paths[index]), self.annotations[self.ids[index]]
 
 
 class VOCSegmentationDataset(Dataset):
@@ -443,6 +432,6 @@ __all__ = [
     "read_split", "read_class_file", "classification_labels", "labels_from_annotation",
     "VOCObject", "VOCAnnotation", "parse_annotation", "detection_annotations", "image_path",
     "load_rgb", "read_segmentation_mask", "write_segmentation_mask", "read_mask",
-    "segmentation_items", "SplitItems", "VOCClassificationDataset", "VOCDetectionDataset",
-    "VOCSegmentationDataset", "voc_dir",
+    "segmentation_items", "SplitItems", "VOCClassificationDataset", "VOCSegmentationDataset",
+    "voc_dir",
 ]

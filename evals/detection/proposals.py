@@ -18,8 +18,8 @@ parallel (spawned processes, one image per task), skips images already cached an
 sharded (``--shard-index/--num-shards``, or a SLURM array's ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``)::
 
-    python -m evals.proposals --voc-root DIR/VOCdevkit/VOC2007 --split trainval --out DIR/proposals
-    python -m evals.proposals --voc-root ... --split test --out ... --from-mat voc_2007_test.mat
+    python -m evals.detection.proposals --voc-root DIR/VOCdevkit/VOC2007 --split trainval --out DIR/proposals
+    python -m evals.detection.proposals --voc-root ... --split test --out ... --from-mat voc_2007_test.mat
 """
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def load_boxes(cache_dir, source: str, image_id: str) -> np.ndarray:
     """The cached int32 (K, 4) VOC boxes of one image."""
     path = cache_path(cache_dir, source, image_id)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no cached proposals (run `python -m evals.proposals`)")
+        raise FileNotFoundError(f"{path}: no cached proposals (run `python -m evals.detection.proposals`)")
     boxes = np.load(path, allow_pickle=False)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{path}: expected a (K, 4) array, got {boxes.shape}")
@@ -250,7 +250,7 @@ def missing_ids(cache_dir, source: str, ids: Sequence[str]) -> list[str]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evals.proposals", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m evals.detection.proposals", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voc-root", required=True, help="VOC2007 folder (holding JPEGImages/, ImageSets/)")
     parser.add_argument("--split", default="trainval", help="ImageSets/Main split (default: trainval)")
