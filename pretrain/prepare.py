@@ -93,6 +93,7 @@ from pretrain.flow import decode_flow_png, encode_flow_png, write_image_atomic
 from runtime.atomic import atomic_write
 from runtime.config import chosen, operational, protocol
 from runtime.lifetime import die_with_parent
+from runtime.sharding import shard_from_env
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -593,14 +594,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    shard_index, num_shards = args.shard_index, args.num_shards
-    if num_shards is None:
-        num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if shard_index is None:
-        if "SLURM_ARRAY_TASK_ID" in os.environ:
-            shard_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        else:
-            shard_index = 0
+    shard_index, num_shards = shard_from_env(args.shard_index, args.num_shards)
     config = PrepareConfig(
         out=args.out, videos=args.videos, pairs=args.pairs, frames_per_video=args.frames_per_video,
         frame_gap=args.frame_gap, method=args.method, short_side=args.short_side, max_frames=args.max_frames,

@@ -16,6 +16,8 @@ from evals.datasets.demo import make_demo
 from evals.datasets.voc import VOC_CLASSES, detection_annotations
 from results import store
 from runtime.config import sources
+from runtime.errors import ConfigError
+from runtime.sharding import shard_from_env
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,10 @@ def test_opencv_rects_become_voc_boxes_and_shards_split_the_ids(monkeypatch):
     assert proposals.rects_to_voc(np.array([[2, 3, 4, 10]]), 0.5, 11, 20).tolist() == [[5, 7, 11, 20]]
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
-    assert proposals.shard_from_env(None, None) == (3, 4)
-    assert proposals.shard_from_env(1, 2) == (1, 2)
+    assert shard_from_env(None, None) == (3, 4)
+    assert shard_from_env(1, 2) == (1, 2)
+    with pytest.raises(ConfigError, match="outside"):
+        shard_from_env(4, 4)
 
 
 def test_fast_rcnn_mat_file_is_read_as_x1_y1_x2_y2(tmp_path):

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from runtime.atomic import atomic_write
 from runtime.lifetime import die_with_parent
 from runtime.paths import check_relative, safe_join
+from runtime.sharding import shard_from_env
 
 MODES = ("fast", "quality")
 SOURCES = MODES + ("mat",)
@@ -188,18 +189,6 @@ def _compute_one(image_path: str, out_path: str, mode: str, max_side: int | None
     boxes = selective_search(rgb, mode, max_side)
     save_boxes(out_path, boxes)
     return len(boxes)
-
-
-def shard_from_env(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
-    """Explicit values win; otherwise a SLURM array's task id / count; otherwise (0, 1)."""
-    env = os.environ
-    if shard_index is None and num_shards is None and "SLURM_ARRAY_TASK_ID" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    index, count = shard_index or 0, num_shards or 1
-    if not 0 <= index < count:
-        raise ValueError(f"shard index {index} is outside 0..{count - 1}")
-    return index, count
 
 
 def compute_proposals(voc_root, split: str, cache_dir, mode: str = "fast", workers: int = 2,
