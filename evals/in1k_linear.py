@@ -24,7 +24,7 @@ from tqdm import tqdm
 from backbones.checkpoint import fingerprint
 from evals import metrics
 from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
-from evals.datasets.imagenet import ImageNetDataset
+from evals.datasets.imagenet import OFFICIAL_COUNTS, ImageNetDataset
 from evals.datasets.preflight import preflight_datasets
 from evals.run import run_task
 from runtime.config import chosen, operational, protocol
@@ -103,6 +103,12 @@ def load_data(config: Config) -> Data:
     splits = {name: [os.path.relpath(p, root) for p, _ in data.samples]
               for name, data in ((config.train_split, train_set), (config.test_split, test_set))}
     return Data(train_set, test_set, splits)
+
+
+def official_sizes(config: Config) -> dict[str, int]:
+    """The image count of each split the ``paper`` preset must read: ILSVRC-12 train 1,281,167 and val 50,000 (P5). ``evals.run`` compares
+    them with the loaded split lists before training (``--allow-subset`` to run on others)."""
+    return {s: OFFICIAL_COUNTS[s] for s in (config.train_split, config.test_split) if s in ("train", "val")}
 
 
 def backbone_options(config: Config) -> dict:

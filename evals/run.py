@@ -2,11 +2,17 @@
 
     python -m evals.run --task voc07_cls --ckpt model.pt [--preset paper|demo] [--seed N]
                         [--data-root DIR] [--label "row name"] [--row NAME] [--print-config] [--set KEY=VALUE ...]
+                        [--allow-subset]
 
 Tasks: voc07_cls (P2), in1k_linear (P5), voc07_det (P3), voc12_seg (P4) of docs/protocols.md.
 ``--ckpt`` takes our checkpoints, an exported plain AlexNet, a torchvision AlexNet state dict, or
 ``random`` for the random-initialisation row. Presets: ``paper`` follows the protocol exactly;
 ``demo`` is a CPU-sized schedule for the generated data (``python -m evals.data make-demo``).
+
+Preset names: a changed protocol value appends ``+custom``; a ``paper`` run on splits of other
+than the official sizes stops before training unless ``--allow-subset``, which inserts ``+subset``
+after the base name (``paper+subset``, ``paper+subset+custom``). The report treats every preset
+but exactly ``paper`` as non-paper.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from runtime.config import chosen_values, config_dict, operational_fields, parse
 from runtime.errors import CheckpointError, ConfigError, DatasetError, RunError, one_line
 
 TASKS = {name: task.module for name, task in REGISTRY.items()}
+PAPER_PRESET = "paper"
+SUBSET_TAG = "subset"
 
 
 # What a user's input or environment can cause; anything else is a bug and keeps its traceback.
@@ -57,6 +65,8 @@ def resolve_config(task: str, args: argparse.Namespace):
         changes["resume"] = False
     if args.overwrite:
         changes["overwrite"] = True
+    if args.allow_subset:
+        changes["allow_subset"] = True
     try:
         overrides = parse_overrides(config, args.set or [])
     except ValueError as err:
@@ -73,14 +83,52 @@ def resolve_config(task: str, args: argparse.Namespace):
     return module, dataclasses.replace(config, **changes)
 
 
+def subset_preset(preset: str) -> str:
+    """``preset`` marked as run on a data subset: ``+subset`` right after the base name, before any
+    ``+custom`` (``paper`` -> ``paper+subset``, ``paper+custom`` -> ``paper+subset+custom``)."""
+    base, *tags = preset.split("+")
+    return "+".join([base, SUBSET_TAG, *(t for t in tags if t != SUBSET_TAG)])
+
+
+def _counts(sizes: dict) -> str:
+    return ", ".join(f"{name} {count:,}" for name, count in sizes.items())
+
+
+def check_official_sizes(task: str, harness, config, sizes: dict[str, int]):
+    """A run whose preset is based on ``paper`` must read the official splits (``harness.official_sizes``):
+    ``sizes`` (split name -> images loaded) is compared with them before anything is trained. A
+    mismatch stops the run (DatasetError naming both) unless ``config.allow_subset``; then the
+    config comes back with its preset marked ``+subset``, so the record, its path and the report
+    never pass it for a paper run. Other presets come back unchanged."""
+    if config.preset.split("+")[0] != PAPER_PRESET:
+        return config
+    wanted = harness.official_sizes(config)
+    found = {name: sizes.get(name, 0) for name in wanted}
+    if found == wanted:
+        return config
+    if not config.allow_subset:
+        raise DatasetError(f"{config.data_root}: {task} at preset {config.preset!r} needs the official splits "
+                           f"({_counts(wanted)} images), found {_counts(found)}; pass --allow-subset to run on "
+                           f"these (recorded under preset {subset_preset(config.preset)!r})")
+    print(f"note: {task}: splits of {_counts(found)} images, not the official {_counts(wanted)}; the run is "
+          f"recorded under preset {subset_preset(config.preset)!r}", file=sys.stderr)
+    return dataclasses.replace(config, preset=subset_preset(config.preset))
+
+
+def split_sizes(splits) -> dict[str, int]:
+    return {name: len(ids) for name, ids in splits.items()}
+
+
 def run_task(task: str, config) -> dict:
-    """A run's whole life, the same for every task: check the config, read the split lists, set up
+    """A run's whole life, the same for every task: check the config, read the split lists (a
+    ``paper`` run: are they the official sizes? see :func:`check_official_sizes`), set up
     (DDP, seed, the checkpoint and its fingerprint, the run's identity), skip a finished record,
     check the data, train and evaluate (the harness: its protocol only), and on the main rank write
     the record and print a summary. Returns the metrics (non-main ranks: {})."""
     harness = task_module(task)
     validate_config(config, **getattr(harness, "CHECKS", {}))
     data = harness.load_data(config)
+    config = check_official_sizes(task, harness, config, split_sizes(data.splits))  # before the run's identity
     begun = engine.begin_run(task, config, splits=data.splits, **harness.backbone_options(config))
     if begun.finished is not None:
         return begun.finished
@@ -119,10 +167,13 @@ def plan(argv, cache: dict | None = None) -> dict:
     if data_key not in cache:
         try:
             splits = harness.load_data(config).splits
-            cache[data_key] = store.run_key(engine.run_identity(args.task, config, splits))
+            cache[data_key] = (store.run_key(engine.run_identity(args.task, config, splits)), split_sizes(splits))
         except (DatasetError, FileNotFoundError):
-            cache[data_key] = None
-    run_key = cache[data_key]
+            cache[data_key] = (None, None)
+    run_key, sizes = cache[data_key]
+    if sizes is not None:  # what run_task will record under (or its error, for this cell)
+        with contextlib.redirect_stderr(io.StringIO()):
+            config = check_official_sizes(args.task, harness, config, sizes)
     record = (store.record_path(engine.results_dir_of(config), args.task, fingerprint, config.seed, config.preset,
                                 run_key) if fingerprint and run_key else None)
     return {"task": args.task, "preset": config.preset, "fingerprint": fingerprint, "run_key": run_key,
@@ -189,6 +240,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", help="results store (default: results/runs or $CPFS_RESULTS_DIR)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a training checkpoint exists")
     parser.add_argument("--overwrite", action="store_true", help="redo and replace an existing finished record")
+    parser.add_argument("--allow-subset", action="store_true",
+                        help="at preset paper, run even if the splits are not the official sizes; the run is "
+                             "recorded under preset paper+subset (a non-paper row)")
     parser.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                         help="override config fields, e.g. --set iterations=500 lr=0.01 (repeatable)")
     parser.add_argument("--print-config", action="store_true",

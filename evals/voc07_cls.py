@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from evals import metrics
-from evals.common import CommonConfig, random_scaled_view
+from evals.common import CommonConfig, random_scaled_view, weight_and_bias_groups
 from evals.datasets.preflight import preflight_datasets
-from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset
+from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset, official_main_sizes
 from evals.run import run_task
 from runtime.config import chosen, operational, protocol
 from runtime.data import Augmented, loader_factory, sample_rng
@@ -45,6 +45,9 @@ class Config(CommonConfig):
     lr_gamma: float = protocol(0.5, "P2")
     momentum: float = protocol(0.9, "P2")
     weight_decay: float = protocol(1e-6, "P2")
+    bias_lr_mult: float = protocol(2.0, "P2: voc-cls src/train_cls.py setLR(t, 1, 2): biases at 2x the lr")
+    bias_decay_mult: float = protocol(1.0, "P2: voc-cls src/train_cls.py setDecay(t, 1, 1): biases decayed "
+                                           "like the weights")
     grad_clip: float = protocol(10.0, "P2: gradient norm clipped at 10")
     crop: int = protocol(227, "P2")
     scale_range: tuple[float, float] = protocol((0.5, 2.0), "P2: source side / crop side")
@@ -74,6 +77,15 @@ def build_model(config: Config, loaded) -> torch.nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad = trainable is None or name.split(".")[0] in trainable
     return model
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD over the trainable parameters with the reference's per-blob multipliers: weights at
+    ``lr`` and ``weight_decay``, biases at ``bias_lr_mult`` x lr and ``bias_decay_mult`` x decay
+    (P2: ``setLR(t, 1, 2)``, ``setDecay(t, 1, 1)`` in voc-cls's ``src/train_cls.py``)."""
+    groups = weight_and_bias_groups(model, config.lr, config.weight_decay, config.bias_lr_mult,
+                                    config.bias_decay_mult)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,6 +127,12 @@ def load_data(config: Config) -> Data:
     return Data(train_set, test_set, {config.train_split: train_set.ids, config.test_split: test_set.ids})
 
 
+def official_sizes(config: Config) -> dict[str, int]:
+    """The image count of each split the ``paper`` preset must read: VOC2007 trainval 5,011 and test 4,952 (P2). ``evals.run`` compares
+    them with the loaded split lists before training (``--allow-subset`` to run on others)."""
+    return official_main_sizes(2007, (config.train_split, config.test_split))
+
+
 def backbone_options(config: Config) -> dict:
     """How the checkpoint is loaded: a new 20-way fc8 on top."""
     return {"num_classes": len(VOC_CLASSES), "new_head": True, "dropout": config.dropout}
@@ -134,7 +152,7 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     model = build_model(config, loaded).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     net = DistributedDataParallel(model) if info.world_size > 1 else model
-    optimizer = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     scheduler = step_lr(optimizer, config.lr_step, config.lr_gamma)
     trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every,

@@ -7,7 +7,8 @@ Larsson et al.'s two-stage fine-tuning).
   conv1..conv5, fc6, fc7 sampled bilinearly with the shared sampler
   :func:`backbones.hypercolumn.sparse_hypercolumn`, then FC 1024 + ReLU + dropout 0.5 + FC 21.
 * Training: a random crop + mirror per image and 128 random labelled pixels per crop (at least
-  32 px from its border); softmax cross-entropy over those pixels. Stage 1 trains the head with
+  32 px from its border; "labelled" is a chosen value, ``sample_labelled_only``); softmax
+  cross-entropy over those pixels. Stage 1 trains the head with
   the backbone frozen, stage 2 the whole network (P4's schedule); each stage is its own
   :class:`Trainer` with its own checkpoint, so a restart resumes inside the right stage.
 * Test: the head on a stride-4 grid of input pixels, logits bilinearly upsampled to the image,
@@ -46,6 +47,7 @@ from backbones.hypercolumn import HypercolumnHead, layer_channels, sample_layer
 from evals import engine, metrics
 from evals.common import CommonConfig, to_tensor
 from evals.datasets.preflight import preflight_datasets
+from evals.datasets import sbd, voc
 from evals.datasets.sbd import train_aug_items, voc12_val_items
 from evals.datasets.voc import VOC_CLASSES, VOC_PALETTE, VOID_LABEL, VOCSegmentationDataset
 from evals.run import run_task
@@ -69,6 +71,9 @@ class Config(CommonConfig):
     crop: int = protocol(448, "P4: random crop (448 in the reference) + mirror")
     points_per_image: int = protocol(128, "P4: random pixels per image (reference)")
     sample_border: int = protocol(32, "P4: sampled pixels at least 32 px from the crop's border")
+    sample_labelled_only: bool = chosen(True, "P4 says 128 random pixels, not whether void (255) ones may be drawn: "
+                                              "drawing among labelled pixels gives every crop 128 pixels that count "
+                                              "in the loss (void ones would be masked out of it)")
     hidden: int = protocol(1024, "P4: FC 1024 + ReLU + dropout 0.5 + FC 21")
     head_dropout: float = protocol(0.5, "P4")
     batch_size: int = protocol(10, "P4")
@@ -191,13 +196,14 @@ def predict(model: HypercolumnSegmenter, image: torch.Tensor, config: Config) ->
 # --- training data -----------------------------------------------------------------------------------
 
 def training_sample(image: Image.Image, mask: np.ndarray, rng: np.random.Generator, crop: int, points: int,
-                    border: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    border: int, labelled_only: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """P4's augmentation and sparse sampling: pad to ``crop`` (mean colour / label 255), random
     ``crop`` x ``crop`` window, mirror with probability 1/2 (image and mask together), then
-    ``points`` pixels drawn uniformly among the labelled (!= 255) pixels at least ``border`` px
-    from the window's edge (with replacement if there are fewer). Returns the image (3, crop, crop),
-    positions (points, 2) as (y, x) and labels (points,); labels are all 255 (ignored) when no
-    pixel qualifies."""
+    ``points`` pixels drawn uniformly among the pixels at least ``border`` px from the window's
+    edge -- only the labelled (!= 255) ones when ``labelled_only`` (the chosen value; P4 does not
+    say) -- with replacement if there are fewer. Returns the image (3, crop, crop), positions
+    (points, 2) as (y, x) and labels (points,); labels are all 255 (ignored) when no pixel
+    qualifies."""
     tensor = pad_to(to_tensor(image), crop, crop)
     labels = torch.from_numpy(np.asarray(mask, dtype=np.int64))
     labels = pad_to(labels, crop, crop, value=VOID_LABEL)
@@ -206,7 +212,7 @@ def training_sample(image: Image.Image, mask: np.ndarray, rng: np.random.Generat
     tensor, labels = tensor[:, y0:y0 + crop, x0:x0 + crop], labels[y0:y0 + crop, x0:x0 + crop]
     if rng.random() < 0.5:
         tensor, labels = tensor.flip(-1), labels.flip(-1)
-    eligible = labels != VOID_LABEL
+    eligible = labels != VOID_LABEL if labelled_only else torch.ones_like(labels, dtype=torch.bool)
     if 0 < border < crop // 2:
         inner = torch.zeros_like(eligible)
         inner[border:crop - border, border:crop - border] = True
@@ -309,6 +315,12 @@ def load_data(config: Config) -> Data:
     return Data(VOCSegmentationDataset(train_items), VOCSegmentationDataset(val_items), splits)
 
 
+def official_sizes(config: Config) -> dict[str, int]:
+    """The image count of each split the ``paper`` preset must read: train_aug 10,582 and VOC2012 val 1,449 (P4). ``evals.run`` compares
+    them with the loaded split lists before training (``--allow-subset`` to run on others)."""
+    return {"train_aug": sbd.OFFICIAL_COUNTS["train_aug"], "val": voc.OFFICIAL_COUNTS[("VOC2012", "Segmentation", "val")]}
+
+
 def backbone_options(config: Config) -> dict:
     """The checkpoint's AlexNet without its classifier (the hypercolumn head is new)."""
     return {"num_classes": None, "new_head": True, "dropout": config.dropout}
@@ -337,7 +349,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
 
     def sample(item, rng):
         image, mask = item
-        return training_sample(image, mask, rng, config.crop, config.points_per_image, config.sample_border)
+        return training_sample(image, mask, rng, config.crop, config.points_per_image, config.sample_border,
+                               config.sample_labelled_only)
 
     train_data = Augmented(train_set, sample, config.seed)
 

@@ -17,16 +17,21 @@ from runtime.errors import one_line
 __all__ = ["fold_batchnorm", "export", "main"]
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, extra_meta: dict | None = None) -> str:
     """Fold BN of ``checkpoint`` (any format ``backbones.checkpoint`` reads) and write a plain
     AlexNet to ``out``; returns the exported fingerprint. The pretraining head (hypercolumn MLP)
-    is not part of the AlexNet state and is left behind, as the paper discards it (§4.5)."""
+    is not part of the AlexNet state and is left behind, as the paper discards it (§4.5).
+
+    The checkpoint's ``meta`` (how it was pretrained: method, preset, step, overrides, data
+    hashes) is kept, so every evaluation record of the export can state it; ``extra_meta`` adds values
+    the source file cannot know (pretrain.train: how many steps the whole run took)."""
     if os.path.isdir(checkpoint):  # would otherwise surface as an IsADirectoryError from open()
         raise CheckpointError(checkpoint, "is a directory, not a checkpoint file")
     if os.path.isdir(out):
         raise CheckpointError(out, "is a directory: give the path of the .pt file to write")
     loaded = load_backbone(checkpoint, discard=("fc8.*",))
     meta = dict(loaded.meta)
+    meta.update(extra_meta or {})
     meta.update(exported_from=loaded.source, source_fingerprint=loaded.fingerprint,
                 folded_batchnorm=loaded.report["folded_batchnorm"])
     return save_backbone(loaded.model.eval(), out, meta=meta)

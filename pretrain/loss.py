@@ -2,11 +2,13 @@
 and the direct flow-classification baseline of §4.5.
 
 Shapes: B images, N sampled pixels per image, D embedding dimensions.
-All functions are pure and batched; nothing loops over images or pixels.
+All functions are pure and batched; nothing loops over pixels. On CPU, cpfs_loss
+processes the batch a few images at a time (see images_per_chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -19,6 +21,7 @@ __all__ = [
     "embedding_kernel",
     "flow_kernel",
     "cpfs_loss",
+    "images_per_chunk",
     "Sigma",
     "flow_to_bins",
     "direct_regression_loss",
@@ -48,33 +51,81 @@ def embedding_kernel(emb: Tensor) -> Tensor:
     return (0.25 * unit) @ unit.transpose(-1, -2)  # 1/4 applied to the (B, N, D) side: one N x N pass less
 
 
+def _squared_distances(flows: Tensor) -> Tensor:
+    """``|f_p - f_q|^2`` for all pairs, (B, N, 2) -> (B, N, N), from explicit differences.
+
+    Not from the expansion ``|f_p|^2 + |f_q|^2 - 2 f_p . f_q``: that cancels
+    catastrophically for nearby flows, with an absolute error of a few ulp of
+    ``|f|^2`` that ``1 / (2 sigma^2)`` then magnifies (issue 13: K_f off by 2e-2
+    and above 1 at sigma^2 = 1e-5). Differences of the two components keep the
+    relative error of each distance at a few ulp, so K_f stays within ~1e-7 of
+    exact at any sigma^2, is exactly 1 at distance 0 and never above 1.
+    """
+    fx, fy = (component.contiguous() for component in flows.unbind(-1))  # strided views broadcast ~2x slower
+    dx = fx[..., :, None] - fx[..., None, :]
+    dy = fy[..., :, None] - fy[..., None, :]
+    return torch.addcmul(dx * dx, dy, dy)
+
+
 def flow_kernel(flows: Tensor, sigma2: Tensor | float) -> Tensor:
     """Eq. (2) right: ``K_f(p, q) = exp(-|f_p - f_q|^2 / (2 sigma^2))``.
 
-    (B, N, 2) -> (B, N, N), values in (0, 1]. ``sigma2`` is sigma^2 (> 0).
-
-    The exponent is one batched matrix product,
-    ``-|f_p - f_q|^2 / (2 sigma^2) = a_p . b_q`` with
-    ``a_p = [f_p, -|f_p|^2 / 2, -1/2] / sigma^2`` and ``b_q = [f_q, 1, |f_q|^2]``,
-    so that no (B, N, N, 2) difference tensor is built and 1/sigma^2 scales a
-    (B, N, 4) tensor rather than an N x N one (cpfs_loss forward+backward at
-    B=96, N=512 on 2 CPU threads: ~2.4 s with explicit differences, ~0.6 s so;
-    see benchmarks/bench_loss.py). The expansion costs a rounding error of a few
-    ulp of ``|f_p|^2 + |f_q|^2`` in ``|f_p - f_q|^2``: for eq. (6)-normalised
-    flow (|f| <= sqrt 2) in float32 and sigma^2 = 0.0067 that is < 1e-4 on K_f.
+    (B, N, 2) -> (B, N, N), values in [0, 1]. ``sigma2`` is sigma^2 (> 0).
+    Accurate to ~1e-7 in float32 for every sigma^2 (see :func:`_squared_distances`);
+    differentiable in ``flows`` and ``sigma2``.
     """
     _check_points(flows, "flows", last=2)
-    sq_norm = flows.square().sum(-1, keepdim=True)
-    ones = torch.ones_like(sq_norm)
-    a = torch.cat([flows, -0.5 * sq_norm, -0.5 * ones], dim=-1) / sigma2
-    b = torch.cat([flows, ones, sq_norm], dim=-1)
-    return torch.exp(a @ b.transpose(-1, -2))
+    return torch.exp(_squared_distances(flows) * (-0.5 / sigma2))
 
 
 def _diagonal_replaced(kernel: Tensor, diagonal_logit: float) -> Tensor:
     n = kernel.shape[-1]
     eye = torch.eye(n, dtype=torch.bool, device=kernel.device)
     return kernel.masked_fill(eye, diagonal_logit)
+
+
+def _per_image_loss(embeddings: Tensor, flows: Tensor, sigma2: Tensor | float) -> Tensor:
+    """Eqs. (2)-(5): the loss of each image, (B,) -- the sum over p of its row cross-entropies."""
+    flow_logits = _diagonal_replaced(flow_kernel(flows, sigma2), FLOW_DIAGONAL_LOGIT)  # eq. (4)
+    emb_logits = _diagonal_replaced(embedding_kernel(embeddings), EMBEDDING_DIAGONAL_LOGIT)  # eq. (5)
+    s_f = torch.softmax(flow_logits, dim=-1)  # eq. (4): S_f(p, .) over q
+    log_s_phi = torch.log_softmax(emb_logits, dim=-1)  # eq. (5): log S_phi(p, .) over q
+    return -(s_f * log_s_phi).sum(dim=(-2, -1))  # eq. (3)
+
+
+# On CPU the batch is processed a few images at a time, so that each image's
+# N x N matrices stay in cache (L2 is 0.5-2 MiB per core on current CPUs) from one
+# operation to the next. Fully batched, every one of the ~20 elementwise passes of
+# forward + backward streams B N^2 elements through main memory (100 MB at the
+# paper's B=96, N=512), which made the batched call 2.5x slower than a Python
+# loop over images (issue 16). GPUs have the bandwidth and want the parallelism:
+# there the whole batch is one chunk.
+CPU_CHUNK_BYTES = 2 << 20
+
+
+def images_per_chunk(batch: int, pixels: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many images :func:`cpfs_loss` processes at once: all of them on GPU, on CPU
+    as many as keep one (chunk, N, N) matrix within :data:`CPU_CHUNK_BYTES` (at least 1)."""
+    if device.type != "cpu":
+        return max(batch, 1)
+    per_image = pixels * pixels * torch.finfo(dtype).bits // 8
+    return max(1, min(batch, CPU_CHUNK_BYTES // per_image))
+
+
+def _loss_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if an input is float64: the softmaxes over N terms of
+    eqs. (4)/(5) lose too much in bf16/fp16, so half-precision inputs are promoted."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _autocast_disabled(device: torch.device):
+    """A context without autocast on ``device``, so the loss keeps the dtype it is given."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def cpfs_loss(embeddings: Tensor, flows: Tensor, sigma2: Tensor | float) -> Tensor:
@@ -90,6 +141,11 @@ def cpfs_loss(embeddings: Tensor, flows: Tensor, sigma2: Tensor | float) -> Tens
     the N row-wise cross-entropies, hence /N gives the mean per pixel.
     (The prose before eq. (3) speaks of normalising columns; both kernels and
     their replaced diagonals are symmetric, so rows give the same loss.)
+
+    Computed in float32 (float64 if an input is float64) with autocast disabled,
+    whatever precision the embeddings arrive in. On CPU the images are processed
+    in chunks (:func:`images_per_chunk`); each image's loss is the same
+    computation either way, so chunking changes nothing beyond float32 rounding.
     """
     _check_points(embeddings, "embeddings")
     _check_points(flows, "flows", last=2)
@@ -101,16 +157,19 @@ def cpfs_loss(embeddings: Tensor, flows: Tensor, sigma2: Tensor | float) -> Tens
         raise ValueError(f"need at least 2 pixels per image, got N = {embeddings.shape[1]}")
     if isinstance(sigma2, Tensor) and sigma2.numel() != 1:
         raise ValueError(f"sigma2 must be a scalar, got shape {tuple(sigma2.shape)}")
-    if isinstance(sigma2, Tensor):
-        sigma2 = sigma2.reshape(())
 
-    n = embeddings.shape[1]
-    flow_logits = _diagonal_replaced(flow_kernel(flows, sigma2), FLOW_DIAGONAL_LOGIT)  # eq. (4)
-    emb_logits = _diagonal_replaced(embedding_kernel(embeddings), EMBEDDING_DIAGONAL_LOGIT)  # eq. (5)
-    s_f = torch.softmax(flow_logits, dim=-1)  # eq. (4): S_f(p, .) over q
-    log_s_phi = torch.log_softmax(emb_logits, dim=-1)  # eq. (5): log S_phi(p, .) over q
-    per_image = -(s_f * log_s_phi).sum(dim=(-2, -1))  # eq. (3)
-    return (per_image / n).mean()
+    dtype = _loss_dtype(embeddings, flows)
+    batch, n = embeddings.shape[:2]
+    with _autocast_disabled(embeddings.device):
+        embeddings, flows = embeddings.to(dtype), flows.to(dtype)
+        if isinstance(sigma2, Tensor):
+            sigma2 = sigma2.reshape(()).to(dtype)
+        chunk = images_per_chunk(batch, n, dtype, embeddings.device)
+        per_image = torch.cat([
+            _per_image_loss(embeddings[i:i + chunk], flows[i:i + chunk], sigma2)
+            for i in range(0, batch, chunk)
+        ])
+        return (per_image / n).mean()
 
 
 class Sigma(nn.Module):

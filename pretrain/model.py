@@ -46,6 +46,7 @@ __all__ = [
     "CPFSNet",
     "DirectRegressionNet",
     "build_model",
+    "set_bn_momentum",
     "hypercolumn_layer_names",
     "load_pretrain_checkpoint",
 ]
@@ -56,22 +57,24 @@ EMBEDDING_DIM = 16  # P1, §4.1: D = 16
 HIDDEN_WIDTH = 256  # not published (supplement unavailable): project choice, see module docstring
 NUM_BINS = 16  # P1, §4.5: 16 uniform bins per flow component
 LAYOUT = "caffenet"  # P1
+BN_MOMENTUM = 0.1  # not published: torch's default (the running statistics export folds in)
 
 
 class _HypercolumnNet(nn.Module):
     """AlexNet (parameter-free BN, P1) + sparse hypercolumn + one-hidden-layer MLP."""
 
     def __init__(self, out_dim: int, hidden: int = HIDDEN_WIDTH, layers: Sequence[str] = HYPERCOLUMN_LAYERS,
-                 dropout: float = 0.0, backbone_dropout: float = 0.0):
+                 dropout: float = 0.0, backbone_dropout: float = 0.0, bn_momentum: float = BN_MOMENTUM):
         super().__init__()
         # fc8 is not used: the hypercolumn stops at fc7. backbone_dropout acts after fc6 (CaffeNet).
         self.backbone = AlexNet(LAYOUT, batchnorm=True, num_classes=None, dropout=backbone_dropout)
+        set_bn_momentum(self.backbone, bn_momentum)
         self.layers = tuple(layers)
         self.geometry = layer_geometry(LAYOUT)
         channels = {name: layer_channels(self.backbone, name) for name in self.layers}
         self.head = HypercolumnHead(channels, hidden, out_dim, dropout)
         self._config = {"hidden": hidden, "layers": list(self.layers), "dropout": dropout,
-                        "backbone_dropout": backbone_dropout}
+                        "backbone_dropout": backbone_dropout, "bn_momentum": bn_momentum}
 
     @property
     def hypercolumn_channels(self) -> int:
@@ -100,8 +103,9 @@ class CPFSNet(_HypercolumnNet):
     method = "cpfs"
 
     def __init__(self, embedding_dim: int = EMBEDDING_DIM, hidden: int = HIDDEN_WIDTH,
-                 layers: Sequence[str] = HYPERCOLUMN_LAYERS, dropout: float = 0.0, backbone_dropout: float = 0.0):
-        super().__init__(embedding_dim, hidden, layers, dropout, backbone_dropout)
+                 layers: Sequence[str] = HYPERCOLUMN_LAYERS, dropout: float = 0.0, backbone_dropout: float = 0.0,
+                 bn_momentum: float = BN_MOMENTUM):
+        super().__init__(embedding_dim, hidden, layers, dropout, backbone_dropout, bn_momentum)
         self.embedding_dim = embedding_dim
         self._config.update(method=self.method, embedding_dim=embedding_dim)
 
@@ -116,8 +120,9 @@ class DirectRegressionNet(_HypercolumnNet):
     method = "direct"
 
     def __init__(self, num_bins: int = NUM_BINS, hidden: int = HIDDEN_WIDTH,
-                 layers: Sequence[str] = HYPERCOLUMN_LAYERS, dropout: float = 0.0, backbone_dropout: float = 0.0):
-        super().__init__(2 * num_bins, hidden, layers, dropout, backbone_dropout)
+                 layers: Sequence[str] = HYPERCOLUMN_LAYERS, dropout: float = 0.0, backbone_dropout: float = 0.0,
+                 bn_momentum: float = BN_MOMENTUM):
+        super().__init__(2 * num_bins, hidden, layers, dropout, backbone_dropout, bn_momentum)
         self.num_bins = num_bins
         self._config.update(method=self.method, num_bins=num_bins)
 
@@ -128,14 +133,24 @@ class DirectRegressionNet(_HypercolumnNet):
 
 def build_model(method: str = "cpfs", *, embedding_dim: int = EMBEDDING_DIM, num_bins: int = NUM_BINS,
                 hidden: int = HIDDEN_WIDTH, layers: Sequence[str] = HYPERCOLUMN_LAYERS, dropout: float = 0.0,
-                backbone_dropout: float = 0.0) -> _HypercolumnNet:
+                backbone_dropout: float = 0.0, bn_momentum: float = BN_MOMENTUM) -> _HypercolumnNet:
     """``CPFSNet`` for ``method="cpfs"``, ``DirectRegressionNet`` for ``"direct"``."""
-    common = dict(hidden=hidden, layers=tuple(layers), dropout=dropout, backbone_dropout=backbone_dropout)
+    common = dict(hidden=hidden, layers=tuple(layers), dropout=dropout, backbone_dropout=backbone_dropout,
+                  bn_momentum=bn_momentum)
     if method == "cpfs":
         return CPFSNet(embedding_dim, **common)
     if method == "direct":
         return DirectRegressionNet(num_bins, **common)
     raise ValueError(f"unknown method {method!r}; expected 'cpfs' or 'direct'")
+
+
+def set_bn_momentum(module: nn.Module, momentum: float) -> None:
+    """Give every BatchNorm of ``module`` the running-average ``momentum``. It only shapes the
+    running statistics (what export folds into the weights), never a training step's output; the
+    default equals torch's, so a default network is bit for bit the one built without this call."""
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.momentum = momentum
 
 
 def hypercolumn_layer_names() -> tuple[str, ...]:

@@ -63,6 +63,12 @@ set): ``DIR/flow/<name>.png`` (KITTI flow PNG) with ``DIR/frames/<name>.jpg``
 (or ``.jpeg``/``.png``). Each flow PNG is decoded and each frame read to check
 that their sizes match; the good pairs go to ``<out or DIR>/manifest.jsonl``
 (split ``--pairs-split``, default "val"), the bad ones to ``errors.jsonl``.
+``--pairs`` never replaces a manifest it did not write: an ``--out`` that holds a
+preparation from videos (``done/`` markers, or a manifest with any record from a
+video) is refused in one line (exit status 2) and nothing is written, since
+that manifest is a training set (and its next ``--merge`` would replace the
+pairs' one). Index such pairs into their own folder (the default ``--out``) and
+validate on them with ``pretrain.train --val-data DIR``.
 
 Usage::
 
@@ -106,6 +112,8 @@ __all__ = [
     "process_video",
     "merge",
     "index_pairs",
+    "refuse_training_manifest",
+    "ManifestExistsError",
     "prepare",
     "get_args_parser",
     "main",
@@ -156,6 +164,10 @@ class PrepareConfig:
 
 class VideoError(Exception):
     """A video that cannot give pairs (unreadable, no video stream, too short)."""
+
+
+class ManifestExistsError(ValueError):
+    """``--pairs`` would replace a manifest it did not write (a training manifest from videos)."""
 
 
 # --------------------------------------------------------------------------- #
@@ -419,16 +431,41 @@ def merge(out: str, val_fraction: float = 0.05) -> dict:
 # --------------------------------------------------------------------------- #
 # --pairs: index an existing folder of (frame, flow PNG) pairs
 # --------------------------------------------------------------------------- #
+def refuse_training_manifest(out: str) -> None:
+    """Raise ManifestExistsError when ``out`` holds a preparation from videos: ``--pairs`` writes
+    ``out/manifest.jsonl`` and would replace a training set's manifest (and that folder's next
+    ``--merge`` would replace the pairs' one). A manifest ``--pairs`` wrote (every record without
+    a video) may be rewritten: indexing the same folder again refreshes it."""
+    manifest = os.path.join(out, "manifest.jsonl")
+    if os.path.isdir(os.path.join(out, "done")):
+        raise ManifestExistsError(f"{out} holds frames and flow prepared from videos (done/): --pairs will not "
+                                  f"write its manifest.jsonl; index the pairs into their own folder (the default "
+                                  f"--out) and validate with pretrain.train --val-data")
+    if not os.path.isfile(manifest):
+        return
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        records = [None]
+    if any(not isinstance(r, dict) or r.get("video") is not None for r in records):
+        raise ManifestExistsError(f"{manifest} is a manifest --pairs did not write (a training manifest from "
+                                  f"videos): --pairs will not overwrite it; index the pairs into their own folder "
+                                  f"(the default --out)")
+
+
 def index_pairs(pairs_dir: str, out: str | None = None, split: str = "val", method: str = "external") -> dict:
     """Validate ``pairs_dir/flow/*.png`` against ``pairs_dir/frames/<name>.(jpg|jpeg|png)``; write the manifest.
 
     Paths in the manifest are relative to the manifest's folder (``out``,
-    default ``pairs_dir``).
+    default ``pairs_dir``). A manifest in ``out`` that ``--pairs`` did not write is never
+    replaced (:func:`refuse_training_manifest`).
     """
     out = out or pairs_dir
     if os.path.relpath(os.path.abspath(pairs_dir), os.path.abspath(out)).split(os.sep)[0] == "..":
         # Manifest paths are relative to its folder and may not climb out of it (pretrain.data).
         raise ValueError(f"--out {out} must be the pairs folder {pairs_dir} or a folder above it")
+    refuse_training_manifest(out)
     os.makedirs(out, exist_ok=True)
     frames_dir, flow_dir = os.path.join(pairs_dir, "frames"), os.path.join(pairs_dir, "flow")
     if not os.path.isdir(flow_dir):
@@ -557,7 +594,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                     "per line (relative paths are relative to the list file)")
     p.add_argument("--pairs", metavar="DIR", help="index an existing folder DIR/frames/<name>.jpg|png + "
                                                   "DIR/flow/<name>.png instead of extracting from videos")
-    p.add_argument("--out", help="output folder (for --pairs: where manifest.jsonl goes, default DIR)")
+    p.add_argument("--out", help="output folder (for --pairs: where manifest.jsonl goes, default DIR; a folder "
+                                 "holding a preparation from videos is refused, never overwritten)")
     p.add_argument("--merge", action="store_true", help="only rebuild OUT/manifest.jsonl and OUT/errors.jsonl "
                                                         "from the done markers (e.g. after sharded runs)")
     p.add_argument("--frames-per-video", type=int, default=8,
@@ -603,6 +641,9 @@ def main(argv: list[str] | None = None) -> dict:
         pairs_method=args.pairs_method, progress=not args.no_progress)
     try:
         summary = prepare(config)
+    except ManifestExistsError as e:  # a refusal, not a usage mistake: one line, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError) as e:  # bad arguments (per-video failures never raise)
         parser.error(str(e))
     printable = {k: v for k, v in summary.items() if k not in ("failures", "error_list")}

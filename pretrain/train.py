@@ -3,16 +3,21 @@
     python -m pretrain.train --data DIR                      # the paper's protocol (preset "paper")
     python -m pretrain.train --data DIR --method direct      # the "direct reg." baseline (preset "direct_paper")
     python -m pretrain.train --data DIR --preset demo        # CPU-sized run on a few hundred frames
+    python -m pretrain.train --data DIR --val-data VAL       # validate on every pair of VAL (prepare --pairs)
     python -m pretrain.train --data DIR --out RUN --resume   # continue RUN/last.pt exactly
     python -m pretrain.train --data DIR --out RUN --overwrite  # start afresh; RUN's old files go to RUN/replaced-<time>/
     torchrun --nproc_per_node 4 -m pretrain.train --data DIR # DDP (also from SLURM's environment)
 
 ``DIR`` is a folder written by ``pretrain.prepare`` (``manifest.jsonl`` with a train and a val
-split). The run folder ``--out`` receives:
+split); training reads its train split and validation its val split, or with ``--val-data VAL``
+every pair of another prepared folder (whatever split its manifest names). The run folder
+``--out`` receives:
 
 * ``last.pt`` every ``checkpoint_every`` steps and at the end: network, optimiser, sigma, step,
   data position, torch RNG, best validation loss and patience counter (exact resume);
 * ``best.pt`` at every validation that improves on the best one (early stopping, P1);
+  every validation of a CPFS run also logs the proxy-task skill (``pretrain.proxy``: 0 for a
+  constant embedding, 1 for directly optimised free embeddings);
 * ``alexnet_plain.pt``: ``best.pt`` with BN folded away (``pretrain.export``), what the
   benchmarks load; ``summary.json``, ``config.json``, ``log.jsonl`` and ``tensorboard/``.
 
@@ -26,6 +31,15 @@ exit status 2; a non-finite loss: 3), never a traceback.
 Both checkpoints are ``{"format": "cpfs-bench/pretrain", "arch", "state_dict": AlexNet only,
 "head", "sigma", "model_config", "meta", ...}`` written atomically, so ``backbones.checkpoint``
 reads their AlexNet directly.
+
+A run is named by its values: the preset it starts from (the method picks its paired preset
+first, so the baseline always starts at its own lr), renamed ``<preset>+custom`` when any value
+that is not operational (``runtime.config``) departs from it, from ``--set``, ``--val-data`` or a
+Python caller alike. Every checkpoint's ``meta`` (kept by the export, copied into every evaluation
+record) states ``method``, ``preset``, ``base_preset``, ``overrides`` (``{field: value}`` of the
+departures), ``step`` (of these weights), ``manifest_hash`` / ``val_manifest_hash`` (sha256 of the
+training and validation manifests), ``validation`` and ``seed``; the export adds ``run_steps`` and
+``stopped``.
 
 The loop is ``runtime.loop.Trainer``, the one the benchmark harnesses use (AMP, NaN stop,
 preemption, progress bar); this module gives it the objective, the ``last.pt`` format, the log
@@ -41,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import sys
@@ -59,11 +74,12 @@ from backbones.checkpoint import CheckpointError, atomic_torch_save
 from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
 from pretrain.export import export
 from pretrain.loss import Sigma, cpfs_loss, direct_regression_loss
-from pretrain.model import (EMBEDDING_DIM, HIDDEN_WIDTH, HYPERCOLUMN_LAYERS, NUM_BINS, PRETRAIN_FORMAT,
-                            build_model, hypercolumn_layer_names)
+from pretrain.proxy import ValidationReference, skill
+from pretrain.model import (BN_MOMENTUM, EMBEDDING_DIM, HIDDEN_WIDTH, HYPERCOLUMN_LAYERS, NUM_BINS,
+                            PRETRAIN_FORMAT, build_model, hypercolumn_layer_names)
 from runtime import config_checks as checks
 from runtime import loop
-from runtime.config import chosen, config_dict, operational, parse_overrides, protocol
+from runtime.config import chosen, config_dict, operational, operational_fields, parse_overrides, plain, protocol
 from runtime.data import training_loader
 from runtime.distributed import DistInfo, pick_device, setup_distributed
 from runtime.atomic import NoSpaceError, atomic_write, remove_stale_temps
@@ -79,7 +95,7 @@ SUPERVISION = "Optical-flow"
 class Config:
     data: str = operational("", "folder written by pretrain.prepare (manifest.jsonl)")
     out: str = operational("", "run folder; '' -> work_dirs/pretrain/<preset>")
-    preset: str = operational("paper", "the name of the value set; a changed protocol value marks it +custom")
+    preset: str = operational("paper", "the name of the value set; a value that departs from it marks it +custom")
     method: str = protocol("cpfs", "P1: cpfs (eqs. 2-5) or direct (the §4.5 baseline)")
     # network
     embedding_dim: int = protocol(EMBEDDING_DIM, "P1: D = 16")
@@ -88,6 +104,8 @@ class Config:
     layers: tuple[str, ...] = protocol(HYPERCOLUMN_LAYERS, "P1: conv1, pool1, conv3, pool5, fc7")
     head_dropout: float = chosen(0.0, "not published: no dropout in the MLP head")
     backbone_dropout: float = chosen(0.0, "not published: no dropout after fc6 (BN throughout, P1)")
+    bn_momentum: float = chosen(BN_MOMENTUM, "not published: torch's default running-average momentum; the "
+                                             "running statistics are what export folds into the weights")
     num_bins: int = protocol(NUM_BINS, "P1: direct regression uses 16 uniform bins per component")
     sigma2_init: float = chosen(0.01, "same order as the learned 0.0067 the paper reports")
     learn_sigma: bool = protocol(True, "P1: sigma is learned with the network")
@@ -109,6 +127,9 @@ class Config:
     val_every: int = chosen(2_000, "early stopping is described, not its cadence")
     patience: int = chosen(10, "validations without improvement before stopping; not published")
     val_items: int = protocol(5_000, "P1: the paper's validation set has 5000 pairs (first val_items of the split)")
+    val_data: str = chosen("", "empty: validate on the val split of --data (prepare's hash split of the training "
+                               "videos), as the paper's 5,000 YouTube Objects pairs are not packaged; a folder "
+                               "(--val-data): every pair of that prepared folder")
     checkpoint_every: int = operational(2_000)
     log_every: int = operational(20)
     # system
@@ -116,7 +137,8 @@ class Config:
     workers: int = operational(8)
     device: str = operational("auto", "auto: cuda:<local rank> if available, else cpu")
     amp: str = chosen("auto", "CUDA only: bf16 where supported, else fp16; off on CPU")
-    sync_bn: bool = chosen(False, "not published: per-rank BN statistics by default (CUDA only)")
+    sync_bn: bool = protocol(True, "P1: BN statistics over the whole batch of 96, also under DDP (SyncBatchNorm, "
+                                   "CUDA only); no effect on one process")
     resume: bool = operational(False)
     overwrite: bool = operational(False, "move an earlier run's files in out/ aside instead of refusing")
     export: bool = operational(True, "write alexnet_plain.pt from best.pt at the end")
@@ -137,14 +159,17 @@ PRESETS = {
 }
 PAIRED_PRESETS = {("paper", "direct"): "direct_paper", ("direct_paper", "cpfs"): "paper",
                   ("demo", "direct"): "direct_demo", ("direct_demo", "cpfs"): "demo"}
+CUSTOM = "+custom"  # appended to a preset's name when a run's values depart from it (as evals.run does)
 # Settings that may change between a run and its resumption: where things are (data may move;
 # its contents are the user's responsibility), how long it runs (max_steps: a longer schedule
 # continues), how it runs (workers, device, progress bar) and what it writes when (log and
 # checkpoint cadence, export). Everything else - network, loss, data augmentation, optimiser,
 # validation and early stopping, seed, precision - would silently make the resumed run a
 # different run than the one it continues, so --resume refuses a change there.
+# The preset's name may change too: it is derived from the values (a longer max_steps makes
+# "paper" "paper+custom"), and each value is compared on its own.
 RESUME_MAY_CHANGE = {"data", "out", "resume", "overwrite", "max_steps", "workers", "device", "progress",
-                     "export", "log_every", "checkpoint_every"}
+                     "export", "log_every", "checkpoint_every", "preset"}
 # What a run writes into its folder: the presence of any of these means the folder holds a run.
 RUN_FILES = ("best.pt", "last.pt", "log.jsonl", "config.json", "summary.json", "alexnet_plain.pt", "tensorboard")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -159,6 +184,38 @@ class RunState(loop.TrainState):
     bad_validations: int = 0      # validations since the best one (early stopping patience)
     last_val_step: int = 0
     stopped: str = ""             # "", "max_steps" or "early_stopping"
+    best_skill: float | None = None  # the proxy-task skill at best_step (CPFS runs)
+
+
+# --- which preset a run is: its name follows its values ------------------------------------------
+
+def base_preset(config: Config) -> str | None:
+    """The preset ``config``'s values are measured against: its named preset (without +custom),
+    switched to the counterpart of its method (PAIRED_PRESETS: the baseline has its own lr), or
+    None for a name that is not in PRESETS (a caller's own value set, named by the caller)."""
+    name = config.preset[:-len(CUSTOM)] if config.preset.endswith(CUSTOM) else config.preset
+    name = PAIRED_PRESETS.get((name, config.method), name)
+    return name if name in PRESETS else None
+
+
+def preset_overrides(config: Config) -> dict | None:
+    """``{field: value}`` for every non-operational value of ``config`` that departs from its base
+    preset (the values a record must show next to the preset's name); None without a base preset."""
+    name = base_preset(config)
+    if name is None:
+        return None
+    preset, skip = PRESETS[name], operational_fields(config)
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)
+            if f.name not in skip and getattr(config, f.name) != getattr(preset, f.name)}
+
+
+def label_preset(config: Config) -> Config:
+    """``config`` under the name its values earn: its base preset, with "+custom" when any
+    non-operational value departs from it, so no run is reported under a preset it did not follow."""
+    name = base_preset(config)
+    if name is None:
+        return config
+    return dataclasses.replace(config, preset=name + (CUSTOM if preset_overrides(config) else ""))
 
 
 # --- the objective: network + loss (one module, so DDP also averages sigma's gradient) -------------
@@ -189,7 +246,7 @@ class PretrainObjective(nn.Module):
 def build_objective(config: Config) -> PretrainObjective:
     net = build_model(config.method, embedding_dim=config.embedding_dim, num_bins=config.num_bins,
                       hidden=config.hidden, layers=config.layers, dropout=config.head_dropout,
-                      backbone_dropout=config.backbone_dropout)
+                      backbone_dropout=config.backbone_dropout, bn_momentum=config.bn_momentum)
     sigma = Sigma(config.sigma2_init, frozen=not config.learn_sigma) if config.method == "cpfs" else None
     return PretrainObjective(net, sigma, config.num_bins)
 
@@ -214,19 +271,49 @@ class EpochKeyed(Dataset):
 
 
 def datasets(config: Config) -> tuple[FlowPairDataset, FlowPairDataset]:
-    """The train and val splits of ``config.data``; opened before the run folder is touched, so a
-    mistyped ``--data`` fails without changing anything."""
-    if not Path(config.data).is_dir():
-        raise DatasetError(f"{config.data}: no such data folder (--data must be a folder written by "
-                           f"pretrain.prepare)")
+    """The train split of ``config.data`` and the validation pairs: the val split of the same
+    folder, or every pair of ``config.val_data`` (a separate set, e.g. ``prepare --pairs`` output,
+    whatever split its manifest names). Opened before the run folder is touched, so a mistyped
+    folder fails without changing anything."""
+    for flag, folder in (("--data", config.data), ("--val-data", config.val_data)):
+        if folder and not Path(folder).is_dir():
+            raise DatasetError(f"{folder}: no such data folder ({flag} must be a folder written by pretrain.prepare)")
+    if config.val_data and Path(config.val_data).resolve() == Path(config.data).resolve():
+        raise ConfigError(f"--val-data {config.val_data} is the training folder: it would validate on training "
+                          f"pairs (leave --val-data out to use its val split)")
     common = dict(crop=config.crop, num_pixels=config.num_pixels, max_magnitude=config.max_magnitude,
                   seed=config.seed)
     train_set = FlowPairDataset(config.data, "train", scale_range=config.scale_range, flip=config.flip,
                                 train=True, **common)
-    val_set = FlowPairDataset(config.data, "val", train=False, **common)  # centre crop, fixed pixels
     if len(train_set) == 0:
         raise DatasetError(f"{config.data}: the manifest has no 'train' pairs")
+    if config.val_data:  # centre crop, fixed pixels
+        val_set = FlowPairDataset(config.val_data, None, train=False, **common)
+        if len(val_set) == 0:
+            raise DatasetError(f"{val_set.manifest_path}: --val-data has no pairs")
+    else:
+        val_set = FlowPairDataset(config.data, "val", train=False, **common)
     return train_set, val_set
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks (a full-scale manifest is hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_identity(config: Config, train_set: FlowPairDataset, val_set: FlowPairDataset) -> dict:
+    """What every checkpoint's meta states about how it was trained, beside the weights: the preset
+    and the values that depart from it, and the data by content (paths move; a manifest's hash
+    names its pairs and their split), so an evaluation record shows what it evaluated."""
+    return {"preset": config.preset, "base_preset": base_preset(config), "overrides": preset_overrides(config),
+            "manifest_hash": file_sha256(train_set.manifest_path),
+            "val_manifest_hash": file_sha256(val_set.manifest_path),
+            "validation": "all pairs of --val-data" if config.val_data else "the val split of --data",
+            "seed": config.seed}
 
 
 def validation_loader(val_set: FlowPairDataset, config: Config, per_rank: int, info: DistInfo) -> DataLoader | None:
@@ -262,6 +349,28 @@ def validate(objective: PretrainObjective, loader: DataLoader, device: torch.dev
     return float(total[0] / total[1].clamp(min=1))
 
 
+# Report the proxy-task skill (pretrain.proxy) at every validation of a CPFS run. It reads no
+# network and draws from no global RNG (the oracle has a generator of its own), so a run's weights
+# are bit for bit the same with it off (tests/test_proxy.py); off only to save its cost.
+VALIDATION_SKILL = True
+
+
+def validation_skill(reference: ValidationReference, val_loss: float, sigma2: float, info: DistInfo,
+                     device: torch.device) -> dict:
+    """``skill``, ``loss_uniform`` and ``loss_oracle`` of one validation: the references on this
+    rank's validation flows at the current sigma^2 (:class:`ValidationReference` caches them per
+    sigma^2), averaged over the ranks by image count like the validation loss."""
+    uniform, oracle = reference.losses(sigma2)
+    total = torch.tensor([uniform * len(reference), oracle * len(reference), len(reference)],
+                         dtype=torch.float64, device=device)
+    if info.world_size > 1:
+        dist.all_reduce(total)
+    count = float(total[2].clamp(min=1))
+    uniform, oracle = float(total[0]) / count, float(total[1]) / count
+    value = skill(val_loss, uniform, oracle)
+    return {"skill": value if math.isfinite(value) else None, "loss_uniform": uniform, "loss_oracle": oracle}
+
+
 class Validation:
     """The pretraining part of the loop, run by ``runtime.loop.Trainer`` after every optimiser step
     (:meth:`after_step`): validation every ``val_every`` steps, ``best.pt`` at every improvement,
@@ -269,10 +378,22 @@ class Validation:
     ``max_steps`` with a last validation (the final network is a candidate for best.pt too)."""
 
     def __init__(self, objective: PretrainObjective, loader: DataLoader | None, config: Config,
-                 device: torch.device, amp_dtype, info: DistInfo, best_path: Path, log: "RunLog"):
+                 device: torch.device, amp_dtype, info: DistInfo, best_path: Path, log: "RunLog",
+                 identity: dict | None = None):
         self.objective, self.loader, self.config = objective, loader, config
         self.device, self.amp_dtype, self.info = device, amp_dtype, info
-        self.best_path, self.log = best_path, log
+        self.best_path, self.log, self.identity = best_path, log, identity
+        self.reference: ValidationReference | None = None  # read at the first validation
+
+    def skill_values(self, val: float) -> dict:
+        """The proxy-task skill of this validation (:func:`validation_skill`); {} for the direct
+        baseline (no embedding, no sigma) or with ``VALIDATION_SKILL`` off."""
+        if not VALIDATION_SKILL or self.objective.sigma is None or self.loader is None:
+            return {}
+        if self.reference is None:
+            self.reference = ValidationReference.from_dataset(self.loader.dataset, self.objective.net.embedding_dim,
+                                                              self.device, seed=self.config.seed)
+        return validation_skill(self.reference, val, self.objective.sigma2(), self.info, self.device)
 
     def after_step(self, state: RunState) -> bool:
         """Validate if due; end the run at max_steps. Returns True when the run stops here (the
@@ -295,18 +416,20 @@ class Validation:
     def validate(self, state: RunState) -> None:
         """One validation: best.pt on improvement, patience bookkeeping, the log line."""
         val = validate(self.objective, self.loader, self.device, self.amp_dtype, self.info)
+        proxy = self.skill_values(val)
         state.last_val_step = state.step
         if val < state.best_val:
             state.best_val, state.best_step, state.bad_validations = val, state.step, 0
+            state.best_skill = proxy.get("skill")
             if self.info.is_main:
-                atomic_torch_save(checkpoint_dict(self.objective, self.config, state, meta={"val_loss": val}),
-                                  self.best_path)
+                atomic_torch_save(checkpoint_dict(self.objective, self.config, state, meta={"val_loss": val},
+                                                  identity=self.identity), self.best_path)
         else:
             state.bad_validations += 1
             if state.bad_validations >= self.config.patience:
                 state.stopped = "early_stopping"
         self.log.write("val", state.step, loss=val, best=state.best_val, best_step=state.best_step,
-                       bad_validations=state.bad_validations)
+                       bad_validations=state.bad_validations, **proxy)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -316,9 +439,14 @@ def _cpu(state: dict) -> dict:
 
 
 def checkpoint_dict(objective: PretrainObjective, config: Config, state: RunState,
-                    optimizer: torch.optim.Optimizer | None = None, scaler=None, meta: dict | None = None) -> dict:
+                    optimizer: torch.optim.Optimizer | None = None, scaler=None, meta: dict | None = None,
+                    identity: dict | None = None) -> dict:
     """A ``cpfs-bench/pretrain`` checkpoint: the AlexNet alone under ``state_dict`` (so
-    ``backbones.checkpoint`` and ``pretrain.export`` read it), everything else beside it."""
+    ``backbones.checkpoint`` and ``pretrain.export`` read it), everything else beside it.
+
+    ``meta`` is what the checkpoint says of itself and travels into the exported AlexNet and every
+    evaluation record: label, method, preset, step, plus ``identity`` (:func:`run_identity`:
+    overrides and data hashes) and ``meta``'s extra values."""
     net = objective.net
     ckpt = {
         "format": PRETRAIN_FORMAT, "version": 1,
@@ -331,7 +459,7 @@ def checkpoint_dict(objective: PretrainObjective, config: Config, state: RunStat
         "config": config_dict(config),
         "state": asdict(state),
         "meta": {"label": LABELS[config.method], "supervision": SUPERVISION, "method": config.method,
-                 "preset": config.preset, "step": state.step, **(meta or {})},
+                 "preset": config.preset, **(identity or {}), "step": state.step, **(meta or {})},
     }
     if optimizer is not None:  # last.pt: everything needed to continue exactly
         ckpt["optimizer"] = optimizer.state_dict()
@@ -341,22 +469,29 @@ def checkpoint_dict(objective: PretrainObjective, config: Config, state: RunStat
     return ckpt
 
 
-def refuse_changed_settings(source: Path, saved: dict, config: Config) -> None:
+def resume_may_change(world_size: int) -> set[str]:
+    """``RESUME_MAY_CHANGE``, plus ``sync_bn`` in one process, where it changes nothing (so a run
+    saved when per-rank statistics were the default still resumes on one device)."""
+    return RESUME_MAY_CHANGE | ({"sync_bn"} if world_size == 1 else set())
+
+
+def refuse_changed_settings(source: Path, saved: dict, config: Config,
+                            may_change: set[str] = frozenset(RESUME_MAY_CHANGE)) -> None:
     """A resumed run continues the saved one only with the saved settings (except
-    ``RESUME_MAY_CHANGE``); otherwise it would silently become another run under the old name."""
-    changed = checks.changed_fields(saved, config_dict(config), RESUME_MAY_CHANGE)
+    ``may_change``); otherwise it would silently become another run under the old name."""
+    changed = checks.changed_fields(saved, config_dict(config), may_change)
     if changed:
         raise RunError(f"{source} was written with other settings: {checks.describe_changes(changed)}; "
                        f"--resume continues a run only with its own settings (pass those, or a new --out)")
 
 
-def read_resume_checkpoint(path: Path, config: Config) -> dict:
+def read_resume_checkpoint(path: Path, config: Config, may_change: set[str] = frozenset(RESUME_MAY_CHANGE)) -> dict:
     """``last.pt`` read (weights only) and checked against ``config`` before anything on disk
     changes, so a refused resume leaves the run folder as it was."""
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT or "optimizer" not in ckpt:
         raise CheckpointError(path, "not a pretrain.train last.pt checkpoint (no optimizer state)")
-    refuse_changed_settings(path, ckpt.get("config") or {}, config)
+    refuse_changed_settings(path, ckpt.get("config") or {}, config, may_change)
     return ckpt
 
 
@@ -451,6 +586,7 @@ def validate_config(config: Config) -> None:
     checks.non_negative(config, "weight_decay")
     checks.in_range(config, "head_dropout", 0.0, 1.0, high_inclusive=False)
     checks.in_range(config, "backbone_dropout", 0.0, 1.0, high_inclusive=False)
+    checks.in_range(config, "bn_momentum", 0.0, 1.0)
     checks.each_in_range(config, "betas", 0.0, 1.0, length=2, high_inclusive=False)
     # low == high is a fixed scale (pretrain.data accepts it); low > high is a typo.
     checks.ordered_pair(config, "scale_range", low_exclusive_min=0.0)
@@ -502,21 +638,22 @@ def move_aside(out: Path, names: list[str]) -> Path:
     return target
 
 
-def check_run_folder(out: Path, config: Config) -> dict | None:
+def check_run_folder(out: Path, config: Config, world_size: int = 1) -> dict | None:
     """Decide, without changing anything, whether this run may use ``out``; returns the checked
     ``last.pt`` to resume from (or None). Refuses (RunError, CheckpointError) a folder that holds
     another run unless ``--resume`` continues it with its own settings or ``--overwrite`` was given."""
     present = existing_run_files(out)
     last_path = out / "last.pt"
     if config.resume and last_path.exists():
-        return read_resume_checkpoint(last_path, config)
+        return read_resume_checkpoint(last_path, config, resume_may_change(world_size))
     if config.resume and (out / "config.json").is_file():  # killed before its first checkpoint
         try:
             saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
         except ValueError as err:
             raise RunError(f"{out / 'config.json'}: not readable JSON ({err}); move it away or pass a new --out") \
                 from None
-        refuse_changed_settings(out / "config.json", saved if isinstance(saved, dict) else {}, config)
+        refuse_changed_settings(out / "config.json", saved if isinstance(saved, dict) else {}, config,
+                                resume_may_change(world_size))
     elif present and not config.resume and not config.overwrite:
         raise RunError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it, "
                        f"a new --out, or --overwrite to move the old files aside")
@@ -540,17 +677,24 @@ def train(config: Config) -> dict:
     """Pretrain, validate, early-stop, checkpoint and export; returns a summary dict."""
     # Every check comes first: settings, then the data, then the run folder (read only); only
     # then does the main rank change anything on disk.
+    labelled = label_preset(config)  # a caller's departure from a preset is named here too
+    if labelled.preset != config.preset:
+        print(f"[pretrain] the run is recorded under preset {labelled.preset!r}, the name its values earn "
+              f"(given {config.preset!r}; departures: {preset_overrides(labelled)})", file=sys.stderr)
+    config = labelled
     check_config(config)
     info = setup_distributed()
     device = pick_device(config.device, info)
     per_rank = batch_per_rank(config, info)
     if config.sync_bn and info.world_size > 1 and device.type != "cuda":
-        raise ConfigError("sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+        raise ConfigError("sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only): pass --set sync_bn=false "
+                          "for per-rank BN statistics (recorded as +custom)")
     amp_dtype = resolve_amp(config.amp, device)
     train_set, val_set = datasets(config)
+    identity = run_identity(config, train_set, val_set)
     out = run_dir(config)
     last_path, best_path = out / "last.pt", out / "best.pt"
-    saved = check_run_folder(out, config)
+    saved = check_run_folder(out, config, info.world_size)
     if info.world_size > 1:
         dist.barrier()  # every rank has looked at the folder before the main rank changes it
     if info.is_main:
@@ -574,7 +718,8 @@ def train(config: Config) -> dict:
         checkpoint_every=config.checkpoint_every, log_every=config.log_every, info=info,
         description=f"pretrain {config.method}", trainable=params, amp_dtype=amp_dtype, scaler=scaler,
         checkpoint_name=last_path.name, state=RunState(),
-        make_checkpoint=lambda: checkpoint_dict(objective, config, trainer.state, optimizer, scaler),
+        make_checkpoint=lambda: checkpoint_dict(objective, config, trainer.state, optimizer, scaler,
+                                                identity=identity),
         restore_checkpoint=lambda ckpt: restore_training_state(ckpt, objective, optimizer, scaler),
         tensorboard=False, progress=config.progress, message_file=sys.stderr)  # RunLog writes TensorBoard
     resumed = saved is not None
@@ -587,10 +732,10 @@ def train(config: Config) -> dict:
 
     val_loader = validation_loader(val_set, config, per_rank, info)
     if val_loader is None and info.is_main:
-        print(f"[pretrain] warning: {config.data} has no 'val' pairs: no validation, no early stopping; "
-              f"best.pt will be the final network", file=sys.stderr)
+        print(f"[pretrain] warning: {config.data} has no 'val' pairs (or val_items=0): no validation, no early "
+              f"stopping; best.pt will be the final network", file=sys.stderr)
     log = RunLog(out, info.is_main, state.step if resumed else None)
-    validation = Validation(objective, val_loader, config, device, amp_dtype, info, best_path, log)
+    validation = Validation(objective, val_loader, config, device, amp_dtype, info, best_path, log, identity)
     # attached after the resume: RunLog trims log.jsonl to the resumed step when it opens
     trainer.after_step = validation.after_step
     trainer.log_fn = lambda step, values: log.write("train", step, loss=values["loss"], sigma2=objective.sigma2(),
@@ -611,9 +756,12 @@ def train(config: Config) -> dict:
     steps_run = state.step - start_step
 
     summary = {"method": config.method, "preset": config.preset, "label": LABELS[config.method],
+               "overrides": identity["overrides"], "manifest_hash": identity["manifest_hash"],
+               "val_manifest_hash": identity["val_manifest_hash"],
                "steps": state.step, "steps_this_run": steps_run, "stopped": state.stopped,
                "final_loss": trainer.last_loss, "best_val_loss": state.best_val if val_loader is not None else None,
                "best_step": state.best_step if val_loader is not None else None,
+               "best_val_skill": state.best_skill if val_loader is not None else None,
                "sigma2": objective.sigma2(), "seconds": elapsed,
                "seconds_per_step": elapsed / steps_run if steps_run else None,
                "images_per_s": images_per_step * steps_run / elapsed if steps_run and elapsed > 0 else None,
@@ -621,13 +769,14 @@ def train(config: Config) -> dict:
                "last": str(last_path), "best": str(best_path)}
     if info.is_main:
         if not best_path.exists():  # no validation split: the final network stands in for the best
-            atomic_torch_save(checkpoint_dict(objective, config, state, meta={"val_loss": None,
-                                                                             "note": "no validation split"}),
-                              best_path)
+            atomic_torch_save(checkpoint_dict(objective, config, state, identity=identity,
+                                              meta={"val_loss": None, "note": "no validation split"}), best_path)
         if config.export:
-            plain = out / "alexnet_plain.pt"
-            summary["export"] = str(plain)
-            summary["fingerprint"] = export(str(best_path), str(plain))
+            exported = out / "alexnet_plain.pt"
+            summary["export"] = str(exported)
+            # meta "step" stays the exported weights' (best.pt's); how far the run went is added
+            summary["fingerprint"] = export(str(best_path), str(exported),
+                                            extra_meta={"run_steps": state.step, "stopped": state.stopped})
         atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if info.world_size > 1:
         dist.barrier()
@@ -647,14 +796,36 @@ def apply_overrides(config: Config, pairs: list[str]) -> Config:
         raise ConfigError(one_line(err)) from None
 
 
+def chosen_method(args: argparse.Namespace, overrides: dict) -> str | None:
+    """The method asked for by ``--method`` or ``--set method=...`` (None: the preset's); two
+    different answers are a ConfigError rather than one silently winning."""
+    asked = {value for value in (args.method, overrides.get("method")) if value is not None}
+    if len(asked) > 1:
+        raise ConfigError(f"--method {args.method} and --set method={overrides['method']} disagree: pass one")
+    return asked.pop() if asked else None
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
+    """The preset's config with the command line on top, named after what it is.
+
+    However the method is chosen (``--method``, ``--set method=``, ``--preset direct_paper``), it
+    switches to its paired preset first, so the baseline always starts from its own lr (P1); the
+    other values then apply, and any non-operational one that departs from the preset renames the
+    run ``<preset>+custom``, as evals.run does (shown by --print-config, config.json, the summary and
+    every checkpoint's meta; not on stderr, which holds only an error's one line)."""
     preset = args.preset or "paper"
-    if args.method:  # --method picks the matching preset: the baseline has its own lr (P1)
-        preset = PAIRED_PRESETS.get((preset, args.method), preset)
-    config = dataclasses.replace(PRESETS[preset])
-    if args.method:
-        config = dataclasses.replace(config, method=args.method)
-    direct = {"data": args.data, "out": args.out, "workers": args.workers, "device": args.device, "seed": args.seed}
+    try:
+        overrides = parse_overrides(PRESETS[preset], args.set or [])
+    except ValueError as err:
+        raise ConfigError(one_line(err)) from None
+    if "preset" in overrides:
+        raise ConfigError("--set preset=...: choose the preset with --preset (a changed value marks it +custom)")
+    method = chosen_method(args, overrides)
+    if method:  # the baseline has its own lr (P1): start from its preset
+        preset = PAIRED_PRESETS.get((preset, method), preset)
+    config = dataclasses.replace(PRESETS[preset], **({"method": method} if method else {}))
+    direct = {"data": args.data, "out": args.out, "workers": args.workers, "device": args.device, "seed": args.seed,
+              "val_data": args.val_data}
     config = dataclasses.replace(config, **{k: v for k, v in direct.items() if v is not None})
     if args.resume:
         config = dataclasses.replace(config, resume=True)
@@ -662,7 +833,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = dataclasses.replace(config, overwrite=True)
     if args.no_progress:
         config = dataclasses.replace(config, progress=False)
-    return apply_overrides(config, args.set or [])
+    return label_preset(apply_overrides(config, args.set or []))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -675,6 +846,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(LABELS),
                    help="cpfs (the CPFS loss) or direct (the direct-regression baseline); switches the preset "
                         "to its counterpart (paper <-> direct_paper, demo <-> direct_demo)")
+    p.add_argument("--val-data", metavar="DIR",
+                   help="validate on every pair of DIR (another folder written by pretrain.prepare, e.g. with "
+                        "--pairs) instead of the val split of --data; recorded as <preset>+custom")
     p.add_argument("--out", help="run folder for checkpoints and logs (default work_dirs/pretrain/<preset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT/last.pt if it exists (with the same settings)")

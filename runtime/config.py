@@ -123,7 +123,8 @@ def parse_overrides(config, pairs: Sequence[str]) -> dict:
 # Numeric fields that may be 0 (or any sign); every other int/float field of a harness config must be
 # > 0: iteration counts, batch sizes, crops, learning rates, scales, thresholds.
 NON_NEGATIVE = frozenset({"seed", "workers", "weight_decay", "momentum", "dropout", "head_dropout",
-                          "score_threshold", "sample_border", "example_images", "fg_fraction"})
+                          "score_threshold", "sample_border", "example_images", "fg_fraction",
+                          "bias_decay_mult"})
 ANY_VALUE = frozenset({"head_init_bias"})
 BELOW_ONE = frozenset({"momentum", "dropout", "head_dropout", "fg_fraction"})
 RANGES = frozenset({"scale_range", "bg_range"})  # (low, high) with low < high

@@ -12,13 +12,21 @@ must not import each other. Three levels of cost:
   traceback (which a DataLoader worker would wrap in pages of text).
 
 :func:`jpeg_is_complete` finds a JPEG cut short, which OpenCV decodes silently (grey fill).
+
+:func:`open_rgb` is the lazy variant for training loaders: a JPEG stays encoded (an
+:class:`EncodedJpeg`) until its pixels are needed, so that a transform that needs only a small
+output can decode it at 1/2, 1/4 or 1/8 scale in the DCT domain (:meth:`EncodedJpeg.pixels`),
+which costs a fraction of a full decode. Decode errors still name the file in one line.
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
 from typing import NamedTuple
+
+from PIL import JpegImagePlugin
 
 from runtime.errors import DatasetError, MissingFileError, one_line
 
@@ -126,6 +134,109 @@ def load_image(path, mode: str | None = "RGB", what: str = "image"):
         raise image_error(path, err, what) from None
 
 
+DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's scaled IDCT gives through PIL's draft()
+
+
+def _decode_full_jpeg(data: bytes):
+    """(H, W, 3) uint8 tensor of a JPEG at full size. torchvision's libjpeg-turbo decoder gives
+    the same pixels as PIL's (same library, same defaults; a test checks) about a quarter sooner.
+    torchvision 0.29 marks its decoders deprecated (for torchcodec): silenced here, and PIL
+    decodes instead once they are gone."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return torch.from_numpy(np.array(JpegImagePlugin.JpegImageFile(io.BytesIO(data)).convert("RGB")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0)
+
+
+class EncodedJpeg(JpegImagePlugin.JpegImageFile):
+    """A PIL JPEG image whose pixels are decoded on first use, from bytes held in memory.
+
+    Anything PIL does with it decodes it in full (``load``), so it can stand in for the eagerly
+    decoded image everywhere; a transform that knows the class asks :meth:`pixels` for a reduced
+    decode instead. Failures become one-line DatasetErrors naming the file, as
+    :func:`load_image`'s do."""
+
+    def __init__(self, data: bytes, path):
+        super().__init__(io.BytesIO(data), filename=str(path))
+        self.encoded, self.source_path = data, path
+        self._pixel_cache: dict = {}
+
+    def load(self):
+        try:
+            return super().load()
+        except Exception as err:  # noqa: BLE001
+            raise image_error(getattr(self, "source_path", self.filename), err, "image") from None
+
+    def pixels(self, reduction: int = 1):
+        """``(H', W', 3)`` uint8 tensor decoded at ``1/reduction`` (one of DCT_SCALES), with
+        H' = ceil(H / reduction). Cached, as a test-time transform reads one image several
+        times. A reduced pixel covers exactly ``reduction`` source pixels, so source coordinates
+        map onto it by division."""
+        if reduction not in DCT_SCALES:
+            raise ValueError(f"reduction must be one of {DCT_SCALES}, got {reduction}")
+        cache = self.__dict__.setdefault("_pixel_cache", {})
+        if reduction not in cache:
+            cache[reduction] = self._decode(reduction)
+        return cache[reduction]
+
+    def _decode(self, reduction: int):
+        import numpy as np
+        import torch
+
+        if not hasattr(self, "encoded"):  # unpickled: the pixels are already here, in full
+            if reduction != 1:
+                raise ValueError("an unpickled EncodedJpeg holds only its full-size pixels")
+            return torch.from_numpy(np.array(self, dtype=np.uint8))
+        try:
+            if reduction == 1:
+                return _decode_full_jpeg(self.encoded)
+            small = EncodedJpeg(self.encoded, self.source_path)
+            width, height = self.size
+            small.draft("RGB", (width // reduction, height // reduction))
+            expected = (-(-width // reduction), -(-height // reduction))
+            if small.size != expected:  # draft chose another scale: never guess the mapping
+                raise RuntimeError(f"draft gave {small.size}, expected {expected}")
+            return torch.from_numpy(np.array(small, dtype=np.uint8))
+        except DatasetError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise image_error(self.source_path, err, "image") from None
+
+
+def open_rgb(path, what: str = "image"):
+    """The RGB image at ``path`` for a training transform: an RGB JPEG comes back as an
+    :class:`EncodedJpeg` (header parsed, completeness checked, pixels decoded when needed);
+    anything else is decoded now by :func:`load_image`. Missing and truncated files fail here
+    with one line naming them, as with :func:`load_image`."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: {what} file not found") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if not data.startswith(b"\xff\xd8"):
+        return load_image(path, "RGB", what)
+    if not jpeg_is_complete(data):
+        raise DatasetError(f"{path}: cannot decode {what} (image file is truncated: no end-of-image marker)")
+    try:
+        image = EncodedJpeg(data, path)
+    except Exception as err:  # noqa: BLE001
+        raise image_error(path, err, what) from None
+    if image.mode != "RGB":  # greyscale / CMYK JPEGs: converted now, as load_image does
+        return load_image(path, "RGB", what)
+    return image
+
+
 def _jpeg_scan_start(data: bytes) -> int | None:
     """Offset of the first start-of-scan marker, walking the segments (so that an EXIF thumbnail,
     itself a JPEG inside APP1, is skipped whole); None when the markers are malformed."""
@@ -178,4 +289,4 @@ def file_size(path, what: str = "file") -> int:
 
 
 __all__ = ["PNG_SIGNATURE", "PngHeader", "read_png_header", "check_flow_png_header", "image_error",
-           "image_header", "load_image", "jpeg_is_complete", "check_jpeg_complete", "file_size"]
+           "image_header", "load_image", "open_rgb", "EncodedJpeg", "DCT_SCALES", "jpeg_is_complete", "check_jpeg_complete", "file_size"]

@@ -68,7 +68,6 @@ _requeueing = False
 @contextlib.contextmanager
 def deferred_preemption():
     """While a Trainer loop runs, turn SIGUSR2 into "save after this step, then requeue"."""
-    global _requeueing
     from runtime import loop
 
     submitit_handler = signal.getsignal(signal.SIGUSR2)

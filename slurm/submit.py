@@ -113,7 +113,7 @@ def report(grid: Grid) -> int:
 
 
 def submit(grid: Grid, cluster: str = "slurm", dry_run: bool = False, only_failed: bool = False,
-           wait_done: bool = False, log=print, poll_s: float = 10.0) -> int:
+           wait_done: bool = False, log=print, poll_s: float = 10.0, estimate: bool = False) -> int:
     """Submit the grid's missing (or only its failed) cells; 0 unless a cell failed (with wait)."""
     cells = grid.cells()
     state = load_state(grid)
@@ -140,6 +140,12 @@ def submit(grid: Grid, cluster: str = "slurm", dry_run: bool = False, only_faile
                 log(f"  local executor: {local_parameters(mine[0].resources)}")
             for cell in mine:
                 log(f"  {cell.key}: {cell.command}" + ("   [waiting for its checkpoint]" if cell.waiting else ""))
+        if estimate:
+            from slurm.estimate import estimate_lines
+
+            listed = {c.key for c in todo + waiting}
+            for line in estimate_lines(grid, [c for c in cells if c.key in listed]):
+                log(line)
         return 0
     if not todo:
         log("nothing to submit")
@@ -170,6 +176,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print every cell that would be submitted, its command and its sbatch parameters; "
                              "submit nothing")
+    parser.add_argument("--estimate", action="store_true",
+                        help="with --dry-run: also print GPU-hours per listed cell and in total, from the step "
+                             "rates in benchmarks/step_rates.json (benchmarks/measure_step_rates.py)")
     parser.add_argument("--only-failed", action="store_true",
                         help="resubmit only the cells whose job ended without a record (not the unsubmitted ones)")
     parser.add_argument("--wait", action="store_true",
@@ -184,12 +193,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.estimate and not args.dry_run:
+        parser.error("--estimate goes with --dry-run")
     try:
         grid = load_grid(args.grid, parse_sets(args.set))
         if args.report:
             return report(grid)
-        return submit(grid, args.cluster, args.dry_run, args.only_failed, args.wait, poll_s=args.poll)
+        return submit(grid, args.cluster, args.dry_run, args.only_failed, args.wait, poll_s=args.poll,
+                      estimate=args.estimate)
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from evals import engine, metrics, voc07_det
 from evals.detection import boxes as box_ops
 from evals.detection import data, devkit, model, proposals
 from evals.datasets.demo import make_demo
-from evals.datasets.voc import VOC_CLASSES, detection_annotations
+from evals.datasets.voc import VOC_CLASSES, VOCAnnotation, VOCObject, detection_annotations
 from results import store
 from runtime.config import sources
 from runtime.errors import ConfigError
@@ -125,13 +125,150 @@ def test_box_targets_round_trip_and_normalisation():
     targets = box_ops.encode_boxes(rois, gt)
     decoded = box_ops.decode_boxes(torch.from_numpy(rois).double(), torch.from_numpy(targets).double())
     assert np.allclose(decoded.numpy(), gt, atol=1e-3)
-    # a hand example: same centre, twice as wide -> dw = log 2, normalised by 0.2
-    t = box_ops.encode_boxes(np.array([[0, 0, 9, 9]]), np.array([[-5, 0, 14, 9]]))
+    # a hand example: same centre, twice as wide -> dw = log 2, normalised by py-faster-rcnn's 0.2
+    t = box_ops.encode_boxes(np.array([[0, 0, 9, 9]]), np.array([[-5, 0, 14, 9]]), box_ops.FIXED_MEANS,
+                             box_ops.FIXED_STDS)
     assert np.allclose(t, [[0, 0, np.log(2) / 0.2, 0]], atol=1e-6)
     # class-specific layout: (R, 84) decodes each class's 4 deltas
     deltas = torch.zeros(2, 84)
     assert torch.allclose(box_ops.decode_boxes(torch.tensor([[0., 0, 9, 9], [5, 5, 20, 30]]), deltas),
                           torch.tensor([[0., 0, 9, 9], [5, 5, 20, 30]]).repeat(1, 21))
+
+
+def _training_images(rng, count=6):
+    """Synthetic (proposals, gt boxes, gt labels) per image: 1-3 objects of classes 1-4, proposals
+    jittered around them (many regression examples) plus random boxes."""
+    images = []
+    for _ in range(count):
+        n = int(rng.integers(1, 4))
+        xy = rng.uniform(0, 300, (n, 2))
+        gt = np.concatenate([xy, xy + rng.uniform(30, 150, (n, 2))], 1).astype(np.float32)
+        labels = rng.integers(1, 5, n)
+        jitter = np.repeat(gt, 20, 0) + rng.normal(0, 6, (20 * n, 4))
+        jitter[:, 2:] = np.maximum(jitter[:, 2:], jitter[:, :2] + 4)
+        xy = rng.uniform(0, 400, (30, 2))
+        noise = np.concatenate([xy, xy + rng.uniform(5, 100, (30, 2))], 1)
+        images.append((np.concatenate([jitter, noise]).astype(np.float32), gt, labels))
+    return images
+
+
+def test_target_stats_are_fast_rcnn_roidb_statistics():
+    rng = np.random.default_rng(4)
+    images = _training_images(rng)
+    stats = box_ops.target_stats(images, model.NUM_CLASSES, 0.5, flip=False)
+    # by hand: every candidate (gt first, then proposals) with IoU >= 0.5, targets to its best gt
+    examples = {c: [] for c in range(model.NUM_CLASSES)}
+    for props, gt, labels in images:
+        candidates = np.concatenate([gt, props]).astype(np.float64)
+        iou = box_ops.box_iou(candidates, gt)
+        for k in np.flatnonzero(iou.max(1) >= 0.5):
+            j = iou[k].argmax()
+            examples[labels[j]].append(box_ops.encode_boxes(candidates[k:k + 1], gt[j:j + 1].astype(np.float64))[0])
+    for c in range(1, 5):
+        if examples[c]:
+            t = np.asarray(examples[c], np.float64)
+            assert np.allclose(stats.means[c], t.mean(0), atol=1e-6) and np.allclose(stats.stds[c], t.std(0), rtol=1e-4)
+    # background and classes without examples: mean 0, std 1 (no division by zero)
+    assert np.array_equal(stats.means[0], np.zeros(4)) and np.array_equal(stats.stds[0], np.ones(4))
+    assert np.array_equal(stats.means[20], np.zeros(4)) and np.array_equal(stats.stds[20], np.ones(4))
+    # mirrored copies (flips in the roidb): dx averages to 0, the rest is unchanged
+    flipped = box_ops.target_stats(images, model.NUM_CLASSES, 0.5, flip=True)
+    seen = [c for c in range(1, 5) if examples[c]]
+    assert np.allclose(flipped.means[seen, 0], 0, atol=1e-12)
+    assert np.allclose(flipped.means[seen, 1:], stats.means[seen, 1:])
+    # deterministic: the same training set gives the same numbers, bit for bit
+    again = box_ops.target_stats(_training_images(np.random.default_rng(4)), model.NUM_CLASSES, 0.5, flip=True)
+    assert again.as_dict() == flipped.as_dict()
+    fixed = box_ops.fixed_target_stats(model.NUM_CLASSES)
+    assert fixed.stds[5].tolist() == [0.1, 0.1, 0.2, 0.2] and fixed.means[5].tolist() == [0, 0, 0, 0]
+
+
+def test_normalised_targets_round_trip_through_the_unnormalised_bbox_pred():
+    """gt boxes encoded against the proposals and normalised with the per-class statistics are the
+    training targets; a bbox_pred that outputs exactly them, un-normalised as after training,
+    decodes back to the gt boxes."""
+    rng = np.random.default_rng(7)
+    images = _training_images(rng)
+    for stats in (box_ops.target_stats(images, model.NUM_CLASSES, 0.5, flip=True),
+                  box_ops.fixed_target_stats(model.NUM_CLASSES)):
+        rois, gts, labels, targets = [], [], [], []
+        for props, gt, gt_labels in images:
+            sample = box_ops.sample_rois(props, gt, gt_labels, 64, 0.5, 0.5, (0.1, 0.5), rng, stats)
+            fg = sample.labels > 0
+            assigned = box_ops.box_iou(sample.rois[fg], gt).argmax(1)
+            rois.append(sample.rois[fg]), gts.append(gt[assigned]), labels.append(sample.labels[fg])
+            targets.append(sample.targets[fg])
+        rois, gts, labels, targets = (np.concatenate(a) for a in (rois, gts, labels, targets))
+        # the training targets: gt encoded against the RoIs, normalised with the RoI's class row
+        normalised = box_ops.encode_boxes(rois, gts, stats.means[labels], stats.stds[labels]).astype(np.float64)
+        assert np.allclose(targets, normalised, atol=1e-5)
+        assert not np.allclose(targets, box_ops.encode_boxes(rois, gts))  # really normalised
+        # a bbox_pred whose outputs on one-hot features are those targets (with some bias)
+        layer = torch.nn.Linear(len(rois), 4 * model.NUM_CLASSES).double()
+        with torch.no_grad():
+            layer.bias.normal_()
+            layer.weight.zero_()
+            for r, (c, t) in enumerate(zip(labels, normalised)):
+                layer.weight[4 * c:4 * c + 4, r] = torch.from_numpy(t) - layer.bias[4 * c:4 * c + 4]
+        model.unnormalize_bbox_pred(layer, stats)  # as after training: the layer now gives raw deltas
+        with torch.no_grad():
+            deltas = layer(torch.eye(len(rois), dtype=torch.float64))
+        boxes = box_ops.decode_boxes(torch.from_numpy(rois).double(), deltas).reshape(len(rois), -1, 4)
+        own = boxes[torch.arange(len(rois)), torch.from_numpy(labels)]
+        assert np.abs(own.numpy() - gts).max() < 1e-5
+
+
+def test_difficult_objects_are_training_ground_truth_when_use_difficult(data_root):
+    voc_root = data_root / "VOCdevkit" / "VOC2007"
+    annotations = {
+        "a": VOCAnnotation("a", 100, 80, [VOCObject("cat", (11, 11, 50, 40), False, False),
+                                          VOCObject("dog", (51, 21, 90, 70), True, False)]),
+        "b": VOCAnnotation("b", 100, 80, [VOCObject("car", (1, 1, 30, 30), True, False)]),  # difficult only
+    }
+    props = {i: np.zeros((0, 4), np.int32) for i in annotations}
+    kept = data.VOCDetectionDataset(voc_root, ["a", "b"], annotations, props, use_difficult=True)
+    assert kept.gt_labels[0].tolist() == [VOC_CLASSES.index("cat") + 1, VOC_CLASSES.index("dog") + 1]
+    assert kept.gt_boxes[0].tolist() == [[10, 10, 49, 39], [50, 20, 89, 69]]  # 0-based
+    assert kept.gt_labels[1].tolist() == [VOC_CLASSES.index("car") + 1]
+    assert data.images_with_objects(annotations, ["a", "b"], True) == ["a", "b"]
+    # the difficult object yields foreground RoIs of its class
+    sample = box_ops.sample_rois(np.zeros((0, 4)), kept.gt_boxes[0], kept.gt_labels[0], 8, 0.5, 0.5, (0.1, 0.5),
+                                 np.random.default_rng(0))
+    assert VOC_CLASSES.index("dog") + 1 in sample.labels.tolist()
+    # py-faster-rcnn's use_diff=False: dropped, and the image of difficult objects only is skipped
+    dropped = data.VOCDetectionDataset(voc_root, ["a"], annotations, props, use_difficult=False)
+    assert dropped.gt_labels[0].tolist() == [VOC_CLASSES.index("cat") + 1]
+    assert data.images_with_objects(annotations, ["a", "b"], False) == ["a"]
+    paper = voc07_det.PRESETS["paper"]
+    assert paper.use_difficult is True and sources(paper)["use_difficult"].startswith("P3")
+
+
+class FixedScoreModel(torch.nn.Module):
+    """Class 1's softmax score of RoI r is ``scores[r]`` (background takes the rest), no box regression."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores, dtype=torch.float64)
+
+    def features(self, images):
+        return images
+
+    def head(self, conv5, rois):
+        probs = torch.full((len(rois), model.NUM_CLASSES), 1e-9, dtype=torch.float64)
+        probs[:, 1] = self.scores[:len(rois)]
+        probs[:, 0] = 1.0 - probs[:, 1:].sum(1)
+        return torch.log(probs).float(), torch.zeros(len(rois), 4 * model.NUM_CLASSES)
+
+
+def test_test_path_keeps_scores_above_0_05_before_nms():
+    image = Image.new("RGB", (200, 60))
+    props = np.array([[10. * k * 2, 5, 10. * k * 2 + 15, 50] for k in range(6)], np.float32)  # disjoint boxes
+    scores = [0.01, 0.049, 0.05, 0.051, 0.3, 0.9]
+    config = dataclasses.replace(voc07_det.PRESETS["paper"], test_scale=64)
+    assert config.score_threshold == 0.05 and sources(config)["score_threshold"].startswith("P3")
+    per_class = model.detect(FixedScoreModel(scores), image, props, config, "cpu")
+    assert per_class[0][:, 4].tolist() == pytest.approx([0.9, 0.3, 0.051], rel=1e-5)  # strictly above 0.05
+    assert all(len(d) == 0 for d in per_class[1:])
 
 
 def test_detection_loss_uses_only_foreground_own_class_deltas():
@@ -177,7 +314,11 @@ def test_paper_preset_is_p3():
     assert (paper.momentum, paper.weight_decay, paper.ims_per_batch, paper.rois_per_batch) == (0.9, 5e-4, 2, 128)
     assert paper.train_scales == (480, 576, 688, 864, 1200) and paper.train_max_size == 2000
     assert (paper.test_scale, paper.nms_threshold, paper.max_per_image) == (600, 0.3, 100)
+    assert (paper.score_threshold, paper.use_difficult, paper.bbox_normalization) == (0.05, True, "per_class")
+    assert (paper.bias_lr_mult, paper.bias_decay_mult) == (2.0, 0.0)
     assert sources(paper)["test_max_size"] == "chosen"  # P3: not published
+    for name in ("score_threshold", "use_difficult", "bbox_normalization", "bias_decay_mult"):
+        assert sources(paper)[name].startswith("P3"), name
 
 
 def test_collate_pads_images_and_numbers_the_rois_by_image():

@@ -83,3 +83,29 @@ def test_bad_checkpoint_is_a_one_line_error(data_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and str(bad) in err and "\n" not in err
     assert store.load_records(tmp_path / "results") == []
+
+
+def test_voc07_cls_biases_train_at_twice_the_lr_with_the_weights_decay(data_root, tmp_path):
+    """P2: voc-cls's train_cls.py sets ``setLR(t, 1, 2)`` and ``setDecay(t, 1, 1)``: biases at 2x the
+    learning rate and the same weight-decay multiplier (1) as the weights."""
+    paper = voc07_cls.PRESETS["paper"]
+    assert (paper.bias_lr_mult, paper.bias_decay_mult) == (2.0, 1.0)
+    config = _config(voc07_cls, data_root, tmp_path, train_layers="fc6-8", momentum=0.0)
+    model = voc07_cls.build_model(config, engine.load_for_eval("random", 0, num_classes=20, new_head=True))
+    weights_group, biases_group = voc07_cls.make_optimizer(model, config).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in weights_group["params"]) == ["fc6.weight", "fc7.weight", "fc8.weight"]
+    assert sorted(names[id(p)] for p in biases_group["params"]) == ["fc6.bias", "fc7.bias", "fc8.bias"]
+    assert (weights_group["lr"], weights_group["weight_decay"]) == (config.lr, config.weight_decay)
+    assert (biases_group["lr"], biases_group["weight_decay"]) == (2 * config.lr, config.weight_decay)
+    # one plain SGD step: each parameter moves by its group's lr * (grad + decay * value)
+    config = dataclasses.replace(config, weight_decay=0.5)
+    optimizer = voc07_cls.make_optimizer(model, config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    optimizer.step()
+    for name in ("fc8.weight", "fc8.bias"):
+        lr = config.lr * (2.0 if name.endswith("bias") else 1.0)
+        expected = before[name] - lr * (1.0 + 0.5 * before[name])
+        assert torch.allclose(dict(model.named_parameters())[name], expected, atol=1e-7), name

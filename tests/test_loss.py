@@ -5,12 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pretrain.loss as loss_module
 from pretrain.flow import normalize_flow
 from pretrain.loss_reference import transcribed_cpfs_loss as transcribed_loss
 from pretrain.loss import (
     Sigma,
     cpfs_loss,
     direct_regression_loss,
+    images_per_chunk,
     embedding_kernel,
     flow_kernel,
     flow_to_bins,
@@ -60,15 +62,74 @@ def test_kernels_eq2():
     torch.testing.assert_close(K_phi[1, 2, 4], cos / 4)
 
 
-def test_flow_kernel_float32_accuracy_at_learned_sigma():
-    # The kernel expands |f_p - f_q|^2; check the rounding against explicit differences.
-    g = torch.Generator().manual_seed(11)
-    flows = normalize_flow(torch.randn(4, 64, 2, generator=g, dtype=torch.float64) * 30.0)
-    flows[:, 1] = flows[:, 0] + 1e-3  # near-duplicates, where K_f ~ 1
-    exact = torch.exp(-(flows[:, :, None] - flows[:, None, :]).square().sum(-1) / (2 * 0.0067))
-    got = flow_kernel(flows.float(), torch.tensor(0.0067))
+def _realistic_flows(seed, B=1, N=512, dtype=torch.float32):
+    """Eq. (6)-normalised, piecewise-smooth flow: 8 rigid motions of up to ~30 px, each
+    pixel jittered by 1e-3 to 1 px, so pixel pairs are close at every sigma^2 tested."""
+    g = torch.Generator().manual_seed(seed)
+    motions = torch.randn(B, 8, 2, generator=g, dtype=torch.float64) * 10.0
+    jitter_px = 10.0 ** -(torch.arange(N, dtype=torch.float64) % 4)
+    raw = motions[:, torch.arange(N) % 8] + torch.randn(B, N, 2, generator=g, dtype=torch.float64) * jitter_px[:, None]
+    return normalize_flow(raw).to(dtype)
+
+
+def _exact_flow_kernel(flows, sigma2):
+    f = flows.double()
+    return torch.exp(-(f[:, :, None] - f[:, None, :]).square().sum(-1) / (2 * torch.as_tensor(sigma2).double()))
+
+
+@pytest.mark.parametrize("sigma2", [0.0067, 1e-4, 1e-5, 1e-6])
+def test_flow_kernel_float32_exact_at_any_sigma(sigma2):
+    # Issue 13: the |a|^2 + |b|^2 - 2ab expansion was off by 2e-2 (and > 1) at sigma^2 = 1e-5.
+    flows = _realistic_flows(11, B=2)
+    s2 = torch.tensor(sigma2)  # float32, as Sigma gives it; the reference uses the same value
+    exact = _exact_flow_kernel(flows, s2)
+    assert ((exact > 0.01) & (exact < 0.99)).sum() > 1000  # many pairs in the kernel's sensitive range
+    got = flow_kernel(flows, s2)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-6)
+    assert got.max() <= 1.0
+    assert (torch.diagonal(got, dim1=-2, dim2=-1) == 1.0).all()
+
+
+@pytest.mark.parametrize("sigma2", [1e-5, 1e-6])
+def test_cpfs_loss_matches_transcription_at_small_sigma(sigma2):
+    # Near-duplicate flows (offsets ~ sigma) so that K_f and d loss / d sigma^2 are not all ~0.
+    emb, flows, s2 = _inputs(12, N=7, sigma2=sigma2)
+    g = torch.Generator().manual_seed(13)
+    flows[:, 1::2] = flows[:, 0::2][:, :3] + torch.randn(2, 3, 2, generator=g, dtype=torch.float64) * sigma2 ** 0.5
+    e1, s1 = emb.clone().requires_grad_(), s2.clone().requires_grad_()
+    e2, s2b = emb.clone().requires_grad_(), s2.clone().requires_grad_()
+    fast, slow = cpfs_loss(e1, flows, s1), transcribed_loss(e2, flows, s2b)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)
+    g_fast, g_slow = torch.autograd.grad(fast, (e1, s1)), torch.autograd.grad(slow, (e2, s2b))
+    torch.testing.assert_close(g_fast[0], g_slow[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_fast[1], g_slow[1], rtol=1e-8, atol=0)
+    assert g_fast[1].abs() > 1.0  # sigma^2 is small: a real gradient, not a saturated 0
+
+
+@pytest.mark.parametrize("sigma2", [1e-5, 1e-6])
+def test_float32_loss_and_grads_match_float64_at_small_sigma(sigma2):
+    flows = _realistic_flows(14, B=2)
+    emb = torch.randn(2, 512, 16, generator=torch.Generator().manual_seed(15))
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        e = emb.to(dtype).requires_grad_()
+        s = torch.tensor(sigma2, dtype=torch.float32).to(dtype).requires_grad_()  # the same sigma^2 value
+        loss = cpfs_loss(e, flows.to(dtype), s)
+        results[dtype] = (loss, *torch.autograd.grad(loss, (e, s)))
+    for got, want in zip(results[torch.float32], results[torch.float64]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_gradcheck_small_sigma():
+    # float64 finite differences for embeddings, flows and sigma^2 at sigma^2 = 1e-4.
+    emb, flows, _ = _inputs(16, B=2, N=6, D=3)
+    flows[:, 3:] = flows[:, :3] + 0.01 * torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(17),
+                                                     dtype=torch.float64)
+    s2 = torch.tensor(1e-4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(cpfs_loss, (emb.requires_grad_(), flows.requires_grad_(), s2.requires_grad_()),
+                                    eps=1e-7, atol=1e-6, rtol=1e-4)
 
 
 def test_loss_invariant_to_embedding_scale():
@@ -94,6 +155,50 @@ def test_batch_is_mean_of_images_and_float32_works():
     out32 = cpfs_loss(emb.float(), flows.float(), s2.float())
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), per_image.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_chunks_change_nothing(monkeypatch):
+    # B = 5 images in chunks of 2 (2, 2, 1): the same loss and gradients as one chunk of 5.
+    emb, flows, s2 = _inputs(18, B=5, N=8)
+
+    def loss_and_grads():
+        e, s = emb.clone().requires_grad_(), s2.clone().requires_grad_()
+        loss = cpfs_loss(e, flows, s)
+        return (loss, *torch.autograd.grad(loss, (e, s)))
+
+    monkeypatch.setattr(loss_module, "CPU_CHUNK_BYTES", 5 * 8 * 8 * 8)
+    whole = loss_and_grads()
+    monkeypatch.setattr(loss_module, "CPU_CHUNK_BYTES", 2 * 8 * 8 * 8)
+    assert images_per_chunk(5, 8, torch.float64, torch.device("cpu")) == 2
+    chunked = loss_and_grads()
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_images_per_chunk():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert images_per_chunk(96, 512, torch.float32, cuda) == 96  # GPU: fully batched
+    assert images_per_chunk(96, 512, torch.float32, cpu) == 2  # 1 MiB per image, 2 MiB per chunk
+    assert images_per_chunk(96, 512, torch.float64, cpu) == 1
+    assert images_per_chunk(96, 4096, torch.float32, cpu) == 1  # never 0
+    assert images_per_chunk(3, 16, torch.float32, cpu) == 3  # never more than B
+
+
+def test_half_precision_and_autocast_compute_in_float32():
+    emb, flows, s2 = _inputs(19, B=2, N=9, D=8)
+    want = cpfs_loss(emb.float(), flows.float(), s2.float())
+    for half in (torch.bfloat16, torch.float16):
+        e = emb.to(half).requires_grad_()
+        got = cpfs_loss(e, flows.to(half), s2.float())
+        assert got.dtype == torch.float32
+        want_half_in = cpfs_loss(emb.to(half).float(), flows.to(half).float(), s2.float())
+        torch.testing.assert_close(got, want_half_in, rtol=0, atol=0)
+        got.backward()
+        assert e.grad.dtype == half and torch.isfinite(e.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the N x N products in bf16
+        got = cpfs_loss(emb.float(), flows.float(), s2.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_loss_prefers_embeddings_that_group_like_flow():

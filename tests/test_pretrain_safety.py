@@ -254,7 +254,8 @@ def test_a_full_disk_names_the_folder_and_keeps_the_earlier_checkpoints(data, fi
         run = disk / "run"
         shutil.copytree(finished, run)
         before = {name: hashes(run)[name] for name in ("last.pt", "best.pt")}
-        assert main(["--data", str(data), "--out", str(run), "--resume", *TINY, "--set", "max_steps=4", "preset=test"]) == 2
+        # recorded as paper+custom now: the preset's name may change on resume, its values may not
+        assert main(["--data", str(data), "--out", str(run), "--resume", *TINY, "--set", "max_steps=4"]) == 2
         lines = [line for line in error_lines(capsys) if line.startswith("error: ")]
         assert len(lines) == 1 and lines[0].startswith(f"error: no space left on {run} (writing "), lines
         after = hashes(run)

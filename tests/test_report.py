@@ -185,6 +185,15 @@ def test_demo_preset_is_labelled_and_never_bold():
             for r in report.read_reference(spec)]
 
 
+def test_paper_subset_preset_is_a_non_paper_row():
+    """evals.run records a paper run on a data subset (--allow-subset) as preset paper+subset: only
+    exactly ``paper`` is a paper row."""
+    for preset in ("paper+subset", "paper+subset+custom"):
+        row = _csv_rows(_build(report.TABLE1, [_rec("voc07_cls", {"mAP": 99.0}, preset=preset)])["csv"])[-1]
+        assert row["method"] == f"Ours [preset: {preset}]"
+        assert row["bold"] == "" and "not comparable" in row["note"]
+
+
 def test_winning_optical_flow_run_takes_motion_bold():
     records = [_rec("voc07_cls", {"mAP": 70.0}, seed=0),
                _rec("voc07_cls", {"mAP": 71.0}, seed=1),

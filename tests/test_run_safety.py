@@ -4,6 +4,7 @@ names its path. Every test first builds the situation that used to go wrong."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -304,3 +305,56 @@ def test_bad_data_stops_the_run_before_the_first_training_step(data_root, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {bad}") and "Traceback" not in err
     assert not list((tmp_path / "work").rglob("checkpoint.pt")) and not (tmp_path / "results").exists()
+
+
+# --- the paper preset checks its data --------------------------------------------------------------------
+
+OFFICIAL = {"voc07_cls": ("5,011", "4,952"), "voc07_det": ("5,011", "4,952"), "voc12_seg": ("10,582", "1,449"),
+            "in1k_linear": ("1,281,167", "50,000")}
+
+
+@pytest.mark.parametrize("task", sorted(OFFICIAL))
+def test_paper_preset_on_a_data_subset_stops_in_seconds_naming_the_counts(data_root, tmp_path, capsys, task):
+    import time
+    args = ["--task", task, "--preset", "paper", "--ckpt", "random", "--data-root", str(data_root),
+            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), "--workers", "0"]
+    start = time.monotonic()
+    assert run_main(args) == 2
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {data_root}: {task} at preset 'paper'")
+    for count in OFFICIAL[task]:
+        assert count in err  # what paper needs ...
+    assert "found" in err and "--allow-subset" in err and "'paper+subset'" in err  # ... what it found, the way out
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()  # nothing trained or written
+
+
+def test_allow_subset_names_the_preset_paper_subset(data_root, tmp_path):
+    from evals.run import plan, plan_lines, subset_preset
+    assert [subset_preset(p) for p in ("paper", "paper+custom", "paper+subset")] == \
+        ["paper+subset", "paper+subset+custom", "paper+subset"]
+    base = ["--task", "voc07_cls", "--preset", "paper", "--ckpt", "random", "--data-root", str(data_root),
+            "--results-dir", str(tmp_path / "results")]
+    planned = plan([*base, "--allow-subset"])
+    assert planned["preset"] == "paper+subset" and "/paper+subset/" in planned["record"]
+    assert plan([*base, "--allow-subset", "--set", "iterations=1"])["preset"] == "paper+subset+custom"
+    (refused,) = plan_lines([json.dumps(base)])  # what the cluster grid sees for such a cell
+    assert "needs the official splits" in refused["error"]
+    # the demo preset, and a paper run on the official sizes, keep their names
+    assert plan([*base[:3], "demo", *base[4:], "--allow-subset"])["preset"] == "demo"
+    from evals import voc07_cls
+    from evals.run import check_official_sizes
+    paper = voc07_cls.PRESETS["paper"]
+    assert check_official_sizes("voc07_cls", voc07_cls, paper, {"trainval": 5011, "test": 4952}) is paper
+
+
+@pytest.mark.slow
+def test_a_paper_run_on_a_subset_with_allow_subset_is_recorded_as_paper_subset(data_root, tmp_path, capsys):
+    args = ["--task", "voc07_cls", "--preset", "paper", "--ckpt", "random", "--data-root", str(data_root),
+            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), "--workers", "0",
+            "--allow-subset", "--set", *TINY]
+    assert run_main(args) == 0
+    assert "recorded under preset 'paper+subset+custom'" in capsys.readouterr().err
+    (record,) = records(tmp_path)
+    assert record["preset"] == "paper+subset+custom" and record["config"]["allow_subset"] is True
+    assert (tmp_path / "work" / "voc07_cls" / "paper+subset+custom").is_dir()

@@ -20,6 +20,7 @@ from evals.datasets.voc import VOID_LABEL
 from evals.run import main as run_main
 from results import store
 from runtime import loop
+from runtime.config import chosen_values
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,14 @@ def test_training_sample_crops_image_and_mask_together():
     assert (labels == 7).all()  # padding and void pixels are never sampled
     ys, xs = positions.long().T
     assert (image[0, ys, xs] == image[0].max()).all()  # sampled pixels are the white (labelled) ones
+    assert ((positions >= 8) & (positions < 88)).all()
+    # P4 does not say whether void pixels may be drawn: labelled only is a declared choice ...
+    assert voc12_seg.PRESETS["paper"].sample_labelled_only is True
+    assert "sample_labelled_only" in {c["field"] for c in chosen_values(voc12_seg.PRESETS["paper"])}
+    # ... and the other reading draws anywhere inside the border (void pixels then count for nothing)
+    _, positions, labels = voc12_seg.training_sample(Image.fromarray(array), mask, rng, crop=96, points=256,
+                                                     border=8, labelled_only=False)
+    assert (labels == VOID_LABEL).any() and (labels == 7).any()
     assert ((positions >= 8) & (positions < 88)).all()
 
 

@@ -6,6 +6,7 @@ The cluster tests skip only when the daemons cannot be started here (not root, o
 missing and not installable); the fixture installs slurm-wlm + munge with apt-get if needed.
 Under CPFS_REQUIRE_SLURM=1 (``.ci/run`` sets it) they fail instead of skipping.
 """
+import json
 import os
 import re
 import shutil
@@ -140,6 +141,33 @@ def test_paper_grid_dry_run_lists_every_cell_before_pretraining(capsys):
     assert out.count("[waiting for its checkpoint]") == 16 and "does not exist yet" in out
     assert "#SBATCH --gpus-per-node=1" in out and "#SBATCH --time=3600" in out  # detection: 2.5 days
     assert "--preset paper" in out and "--preset demo" not in out
+
+
+def test_dry_run_estimate_prints_a_cost_per_cell_and_a_total(capsys, tmp_path, monkeypatch):
+    """--estimate: GPU-hours = iterations (voc12_seg: stage 1 + 2) / steps_per_s x GPUs per cell,
+    from the step-rate file, labelled by where the rates were measured, and a total."""
+    from slurm import estimate
+
+    rates = {"tasks": {t: {"steps_per_s": 2.0, "source": "CPU-extrapolated", "machine": "m", "command": "c"}
+                       for t in ("voc07_cls", "voc07_det", "voc12_seg")}}
+    rates_file = tmp_path / "step_rates.json"
+    rates_file.write_text(json.dumps(rates))
+    monkeypatch.setattr(estimate, "RATES_FILE", rates_file)
+    args = [str(REPO / "slurm" / "paper.yaml"), "--dry-run", "--estimate", "--set", f"log_dir={tmp_path / 'logs'}"]
+    assert submit.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"voc07_cls\s+2\.0000 steps/s\s+\[CPU-extrapolated\]", out)
+    assert re.search(r"in1k_linear\s+not measured", out)
+    paper = load_grid(REPO / "slurm" / "paper.yaml")
+    cells = [f"{t}/{c}/seed{s}" for t, spec in paper.tasks.items() for c in paper.checkpoints for s in spec.seeds]
+    for key in cells:
+        assert sum(line.startswith(f"  {key}: ") and "iterations" in line for line in out.splitlines()) == 1, key
+    hours = {"voc07_cls": 80_000 / 2 / 3600, "voc07_det": 150_000 / 2 / 3600, "voc12_seg": 50_000 / 2 / 3600}
+    assert f"  voc12_seg/cpfs/seed0: 50000 iterations x 1 GPU = {hours['voc12_seg']:,.1f} GPU-hours" in out
+    total = 9 * hours["voc07_cls"] + 3 * hours["voc07_det"] + 9 * hours["voc12_seg"]
+    assert f"total: {total:,.1f} GPU-hours over 21 cells [CPU-extrapolated]; 3 cells without a step rate" in out
+    with pytest.raises(SystemExit):
+        submit.main([str(REPO / "slurm" / "paper.yaml"), "--estimate"])  # only with --dry-run
 
 
 def test_dry_run_needs_no_slurm_installation(tmp_path):

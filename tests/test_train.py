@@ -178,7 +178,9 @@ def test_cli_direct_regression_baseline(data, tmp_path):
                  "--set", "batch_size=2", "num_pixels=16", "max_steps=2", "val_every=2", "val_items=2"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "direct" and summary["preset"] == "direct_paper" and summary["sigma2"] is None
+    assert summary["method"] == "direct" and summary["sigma2"] is None
+    assert summary["preset"] == "direct_paper+custom"  # the baseline's preset (lr 0.01), resized by --set
+    assert summary["overrides"] == {"num_pixels": 16, "batch_size": 2, "max_steps": 2, "val_every": 2, "val_items": 2}
     assert np.isfinite(summary["final_loss"])
     assert load_backbone(out / "alexnet_plain.pt").meta["label"] == "Ours direct reg."
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from runtime.paths import check_relative
 
 from runtime.errors import DatasetError
-from .voc import load_rgb
+from .voc import open_lazy_rgb
 
 OFFICIAL_COUNTS = {"classes": 1000, "train": 1281167, "val": 50000}
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -158,7 +158,7 @@ class ImageNetDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        image = load_rgb(path)
+        image = open_lazy_rgb(path)
         if self.transform is not None:
             image = self.transform(image)
         return image, target

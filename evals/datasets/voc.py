@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from runtime.images import image_error, load_image
+from runtime.images import image_error, load_image, open_rgb
 from runtime.paths import check_relative
 
 from runtime.errors import DatasetError
@@ -42,6 +42,12 @@ OFFICIAL_COUNTS = {
     ("VOC2012", "Segmentation", "train"): 1464,
     ("VOC2012", "Segmentation", "val"): 1449,
 }
+
+
+def official_main_sizes(year: int, splits: Sequence[str]) -> dict[str, int]:
+    """``{split: official image count}`` of the ``ImageSets/Main`` splits among ``splits`` whose
+    count is known (the ``paper`` preset's data check, ``evals.run.check_official_sizes``)."""
+    return {s: OFFICIAL_COUNTS[(f"VOC{year}", "Main", s)] for s in splits if (f"VOC{year}", "Main", s) in OFFICIAL_COUNTS}
 
 
 def _voc_palette() -> np.ndarray:
@@ -293,6 +299,14 @@ def load_rgb(path) -> Image.Image:
     return load_image(path, "RGB", "image")
 
 
+def open_lazy_rgb(path) -> Image.Image:
+    """The RGB image for a training transform: a JPEG stays encoded until the transform asks for
+    its pixels, possibly at a DCT-domain reduction (``runtime.images.open_rgb``); the geometry
+    (``size``) is known at once and missing or truncated files fail here, as with
+    :func:`load_rgb`. Use :func:`load_rgb` where the pixels are needed in full."""
+    return open_rgb(path, "image")
+
+
 # ----------------------------------------------------------------------------- segmentation masks
 
 
@@ -389,7 +403,7 @@ class VOCClassificationDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        image = load_rgb(self.paths[index])
+        image = open_lazy_rgb(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.from_numpy(self.labels[index].copy())
@@ -428,10 +442,10 @@ def voc_dir(data_root, year: int) -> Path:
 
 
 __all__ = [
-    "VOC_CLASSES", "VOC_PALETTE", "NUM_SEG_CLASSES", "VOID_LABEL", "OFFICIAL_COUNTS",
+    "VOC_CLASSES", "VOC_PALETTE", "NUM_SEG_CLASSES", "VOID_LABEL", "OFFICIAL_COUNTS", "official_main_sizes",
     "read_split", "read_class_file", "classification_labels", "labels_from_annotation",
     "VOCObject", "VOCAnnotation", "parse_annotation", "detection_annotations", "image_path",
-    "load_rgb", "read_segmentation_mask", "write_segmentation_mask", "read_mask",
+    "load_rgb", "open_lazy_rgb", "read_segmentation_mask", "write_segmentation_mask", "read_mask",
     "segmentation_items", "SplitItems", "VOCClassificationDataset", "VOCSegmentationDataset",
     "voc_dir",
 ]

@@ -1,9 +1,11 @@
 """The detection dataset and what turns its items into Fast R-CNN minibatches (protocols.md P3).
 
-Difficult objects are left out of training altogether (Fast R-CNN's ``use_diff=False``: they are
+With ``use_difficult`` (the ``paper`` preset) every annotated object is ground truth for training,
+as Fast R-CNN's VOC reader (``datasets/pascal_voc.py``) keeps them all. Without it difficult
+objects are left out of training altogether (py-faster-rcnn's ``use_diff=False``: they are
 neither ground truth nor counted when labelling RoIs), and training images without a
-non-difficult object are skipped, as its ``filter_roidb`` does (:func:`images_with_objects`).
-At test time the ground truth comes from the annotations (:mod:`.devkit`), difficult included.
+non-difficult object are skipped (:func:`images_with_objects`). At test time the ground truth
+comes from the annotations (:mod:`.devkit`), difficult included, and the metric ignores it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch.utils.data import Dataset
 from evals.common import to_tensor
 from evals.datasets.voc import VOC_CLASSES, image_path, load_rgb
 
-from .boxes import flip_boxes, image_scale, sample_rois
+from .boxes import TargetStats, flip_boxes, image_scale, sample_rois
 
 
 class VOCDetectionDataset(Dataset):
@@ -26,7 +28,8 @@ class VOCDetectionDataset(Dataset):
     gt labels (G,) int64 in 1..20, proposals (K, 4) float32)``, boxes 0-based inclusive.
 
     ``annotations`` maps id -> ``VOCAnnotation`` (``detection_annotations``) and ``proposals`` id ->
-    1-based boxes (the proposal cache's). Difficult objects are dropped unless ``use_difficult``.
+    1-based boxes (the proposal cache's). Difficult objects are dropped unless ``use_difficult``
+    (P3 keeps them: Fast R-CNN trains on every object).
     ``voc_root`` and ``ids`` are what the pre-flight reads the images by."""
 
     def __init__(self, voc_root, ids: Sequence[str], annotations: Mapping, proposals: Mapping[str, np.ndarray],
@@ -46,6 +49,11 @@ class VOCDetectionDataset(Dataset):
         image = load_rgb(image_path(self.voc_root, self.ids[index]))
         return image, self.gt_boxes[index], self.gt_labels[index], self.proposals[index]
 
+    def regression_images(self):
+        """``(proposals, gt boxes, gt labels)`` of every image, in order, without reading pixels:
+        what the box-target statistics are computed from (``boxes.target_stats``)."""
+        return zip(self.proposals, self.gt_boxes, self.gt_labels)
+
 
 def images_with_objects(annotations: Mapping, ids: Sequence[str], use_difficult: bool) -> list[str]:
     """The ids with at least one object to train on (Fast R-CNN's ``filter_roidb``): an image of
@@ -62,18 +70,18 @@ def resized_tensor(image: Image.Image, scale: float) -> torch.Tensor:
 
 def training_item(sample, rng: np.random.Generator, *, flip: bool, scales: Sequence[int], max_size: int,
                   rois_per_image: int, fg_fraction: float, fg_threshold: float,
-                  bg_range: tuple[float, float]) -> dict:
+                  bg_range: tuple[float, float], stats: TargetStats | None = None) -> dict:
     """One dataset item -> one image of a minibatch: a horizontal flip with probability 0.5 (when
     ``flip``), a shorter side drawn from ``scales``, and the RoIs sampled by :func:`sample_rois`
-    (scaled with the image). Every random choice comes from ``rng``, in this order, so an item is
-    the same whichever worker makes it."""
+    (scaled with the image; targets normalised with ``stats``). Every random choice comes from
+    ``rng``, in this order, so an item is the same whichever worker makes it."""
     image, gt_boxes, gt_labels, boxes = sample
     width, height = image.size
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         gt_boxes, boxes = flip_boxes(gt_boxes, width), flip_boxes(boxes, width)
     scale = image_scale(width, height, int(rng.choice(scales)), max_size)
-    roi = sample_rois(boxes, gt_boxes, gt_labels, rois_per_image, fg_fraction, fg_threshold, bg_range, rng)
+    roi = sample_rois(boxes, gt_boxes, gt_labels, rois_per_image, fg_fraction, fg_threshold, bg_range, rng, stats)
     return {"image": resized_tensor(image, scale), "rois": torch.from_numpy(roi.rois * scale),
             "labels": torch.from_numpy(roi.labels), "targets": torch.from_numpy(roi.targets)}
 

@@ -4,7 +4,9 @@ rbgirshick/fast-rcnn).
 conv1..conv5 of the checkpoint -> RoI max pooling 6x6 on conv5 (spatial scale 1/16: conv5's
 stride, ``layer_geometry``) -> fc6, fc7 of the checkpoint (ReLU + dropout) -> a new 21-way
 ``cls_score`` and an 84-way class-specific ``bbox_pred``. At test: one scale, softmax scores,
-class-specific box regression, per-class NMS and a cap per image (:func:`detect`).
+class-specific box regression, per-class NMS and a cap per image (:func:`detect`). The box deltas
+are trained normalised (``boxes.TargetStats``) and :func:`unnormalize_bbox_pred` maps the layer
+back before the test, so :func:`detect` decodes raw deltas.
 
 The test-time functions take the harness's config (``evals.voc07_det.Config``) and read only
 ``test_scale``, ``test_max_size``, ``test_roi_chunk``, ``nms_threshold``, ``max_per_image`` and
@@ -75,6 +77,19 @@ def build_model(backbone: AlexNet, frozen_layers: Sequence[str], cls_init_std: f
     return model
 
 
+@torch.no_grad()
+def unnormalize_bbox_pred(layer: nn.Linear, stats) -> None:
+    """Fold the target normalisation into ``bbox_pred`` (in place), as Fast R-CNN's snapshot does
+    (``fast_rcnn/train.py``): each output ``o = w.x + b`` was trained towards ``(t - mean) / std``,
+    so ``w * std`` and ``b * std + mean`` give ``t`` itself, and the test path decodes raw deltas.
+    ``stats``: ``boxes.TargetStats`` with (num_classes, 4) rows in the layer's output order. Call
+    it once, after training: the training checkpoints keep the normalised layer."""
+    std = torch.as_tensor(np.asarray(stats.stds).reshape(-1), dtype=layer.weight.dtype, device=layer.weight.device)
+    mean = torch.as_tensor(np.asarray(stats.means).reshape(-1), dtype=layer.weight.dtype, device=layer.weight.device)
+    layer.weight.mul_(std[:, None])
+    layer.bias.mul_(std).add_(mean)
+
+
 def detection_loss(cls_logits: torch.Tensor, bbox_deltas: torch.Tensor, labels: torch.Tensor,
                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax cross-entropy over all RoIs, and smooth-L1 (beta 1) on the foreground RoIs' own-class
@@ -106,7 +121,7 @@ def detect(model: FastRCNN, image: Image.Image, proposal_boxes: np.ndarray, conf
         deltas.append(d.cpu())
     scores = torch.cat(scores) if scores else torch.zeros(0, NUM_CLASSES)
     deltas = torch.cat(deltas) if deltas else torch.zeros(0, 4 * NUM_CLASSES)
-    boxes = decode_boxes(rois, deltas)  # regression in original image coordinates
+    boxes = decode_boxes(rois, deltas)  # raw deltas (normalisation folded into bbox_pred), original pixels
     limits = torch.tensor([width - 1, height - 1] * 2 * NUM_CLASSES, dtype=boxes.dtype)
     boxes = torch.minimum(boxes.clamp(min=0), limits)
     return postprocess(boxes, scores, config.nms_threshold, config.max_per_image, config.score_threshold)
