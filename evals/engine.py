@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from backbones.checkpoint import LoadedBackbone, load_backbone, random_backbone
+from backbones.checkpoint import CheckpointError, LoadedBackbone, load_backbone, random_backbone
 from results import store
 from runtime.config import config_dict, operational_fields
 from runtime.distributed import DistInfo, pick_device, setup_distributed
@@ -21,20 +21,33 @@ from runtime.errors import RunError
 # --- checkpoints to evaluate -----------------------------------------------------------------------
 
 def load_for_eval(ckpt: str, seed: int, *, num_classes: int | None, new_head: bool, layout: str = "caffenet",
-                  dropout: float = 0.5) -> LoadedBackbone:
-    """``ckpt`` is a path (any format backbones.checkpoint reads) or ``random``.
+                  dropout: float = 0.5, data_root: str | None = None) -> LoadedBackbone:
+    """``ckpt`` is a path (any format backbones.checkpoint reads), ``random`` or ``random-rescaled``.
+
+    ``random-rescaled`` (Table 2's Random-rescaled row): ``random`` under ``seed``, then both
+    steps of Krähenbühl et al.'s rescaling (backbones.rescale) on 160 VOC2007 *trainval* images
+    under ``data_root`` chosen by ``seed``. Every task reads the same sample (VOC2007 trainval
+    sits under every task's data root, also ImageNet's, and holds no test image), so one seed and
+    data root give one network, one fingerprint, whichever task evaluates it; it is rebuilt
+    identically on every machine (see backbones.rescale, Determinism).
 
     ``new_head``: fc8 is re-initialised for this task (declared missing; a source fc8 is discarded).
     """
     if ckpt == "random":
         return random_backbone(seed, layout=layout, num_classes=num_classes, dropout=dropout)
+    if ckpt == "random-rescaled":
+        if not data_root:
+            raise CheckpointError(ckpt, "needs the run's data root (its VOC2007 trainval images are the "
+                                        "rescaling sample)")
+        from backbones.rescale import random_rescaled_backbone
+        return random_rescaled_backbone(seed, data_root, layout=layout, num_classes=num_classes, dropout=dropout)
     patterns = ("fc8.*",) if new_head else ()
     return load_backbone(ckpt, num_classes=num_classes, allow_missing=patterns, discard=patterns, dropout=dropout)
 
 
 def default_supervision(loaded: LoadedBackbone) -> str:
     """The table's Supervision column, from what the checkpoint says about itself."""
-    if loaded.source_format == "random-init":
+    if loaded.source_format in ("random-init", "random-rescaled"):
         return "-"
     if loaded.source_format == "torchvision-state-dict":
         return "Class Labels"
@@ -44,6 +57,8 @@ def default_supervision(loaded: LoadedBackbone) -> str:
 def default_label(loaded: LoadedBackbone) -> str:
     if loaded.source_format == "random-init":
         return "Random"
+    if loaded.source_format == "random-rescaled":
+        return "Random-rescaled"  # the paper's Table 2 row is "Random-rescaled [41]"
     if loaded.source_format == "torchvision-state-dict":
         return "Krizhevsky et al. (torchvision)"
     return str(loaded.meta.get("label", Path(loaded.source).stem))
@@ -113,7 +128,7 @@ def begin_run(task: str, config, *, splits: Mapping[str, Sequence[str]], num_cla
     torch.manual_seed(config.seed)
     start = now()
     loaded = load_for_eval(config.ckpt, config.seed, num_classes=num_classes, new_head=new_head,
-                           layout=config.layout, **load_kwargs)
+                           layout=config.layout, data_root=config.data_root, **load_kwargs)
     identity = run_identity(task, config, splits)
     key = store.run_key(identity)
     work_dir = Path(config.work_dir) / task / config.preset / f"{loaded.fingerprint[:16]}-{key}-seed{config.seed}"

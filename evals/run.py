@@ -5,9 +5,11 @@
                         [--allow-subset]
 
 Tasks: voc07_cls (P2), in1k_linear (P5), voc07_det (P3), voc12_seg (P4) of docs/protocols.md.
-``--ckpt`` takes our checkpoints, an exported plain AlexNet, a torchvision AlexNet state dict, or
-``random`` for the random-initialisation row. Presets: ``paper`` follows the protocol exactly;
-``demo`` is a CPU-sized schedule for the generated data (``python -m evals.data make-demo``).
+``--ckpt`` takes our checkpoints, an exported plain AlexNet, a torchvision AlexNet state dict,
+``random`` for the random-initialisation row, or ``random-rescaled`` for Table 2's Random-rescaled
+row (``random`` rescaled on the data root's VOC2007 trainval images, backbones.rescale).
+Presets: ``paper`` follows the protocol exactly; ``demo`` is a CPU-sized schedule for the
+generated data (``python -m evals.data make-demo``).
 
 Preset names: a changed protocol value appends ``+custom``; a ``paper`` run on splits of other
 than the official sizes stops before training unless ``--allow-subset``, which inserts ``+subset``
@@ -156,6 +158,14 @@ def plan(argv, cache: dict | None = None) -> dict:
         key = ("random", config.seed, config.layout)
         if key not in cache:
             cache[key] = random_backbone(config.seed, layout=config.layout).fingerprint
+    elif config.ckpt == "random-rescaled":  # built as load_for_eval builds it; None while the data is unreadable
+        key = ("random-rescaled", config.seed, config.layout, str(Path(config.data_root).resolve()))
+        if key not in cache:
+            try:
+                cache[key] = engine.load_for_eval(config.ckpt, config.seed, num_classes=None, new_head=False,
+                                                  layout=config.layout, data_root=config.data_root).fingerprint
+            except (DatasetError, FileNotFoundError):
+                cache[key] = None
     else:
         key = ("file", config.ckpt)
         if key not in cache:
@@ -225,7 +235,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), help="which benchmark to run (required)")
-    parser.add_argument("--ckpt", help="checkpoint to evaluate, or 'random' (default: the preset's, 'random')")
+    parser.add_argument("--ckpt", help="checkpoint to evaluate, 'random' (PyTorch's default init under --seed) or "
+                                       "'random-rescaled' (that, rescaled with Krähenbühl et al.'s method on 160 "
+                                       "VOC2007 trainval images of --data-root; backbones.rescale) "
+                                       "(default: the preset's, 'random')")
     parser.add_argument("--preset", default="paper", help="protocol preset: paper (default) or demo")
     parser.add_argument("--seed", type=int, help="seed of the run (fine-tuning order, augmentation, init)")
     parser.add_argument("--data-root", help="folder with VOCdevkit/, benchmark_RELEASE/, imagenet/")

@@ -35,6 +35,7 @@ TensorBoard) through :class:`ValidationReference`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -59,11 +60,14 @@ __all__ = [
     "score_split",
 ]
 
-# The oracle's budget. Measured on eq. (6)-normalised flows at sigma^2 = 0.01 (tiny test data,
-# N = 128 and 512): the loss stops changing in its 3rd decimal by ~150 steps at lr 0.05; 300
-# steps leave a margin. Fixed (not "until converged") so that the reference is the same
-# computation every time and its cost is known in advance.
-ORACLE_STEPS = 300
+# The oracle's budget. Measured on the tiny test flows (eq. (6)-normalised, sigma^2 = 0.01 and
+# 0.0067, N = 128 and 512): at lr 0.05 the loss is within 1e-5 of its 600-step value by 150
+# steps, and seeds 0-3 agree to 1e-6 (the free problem has no bad local minima there); 200 steps
+# leave a margin. Fixed (not "until converged") so that the reference is the same computation
+# every time and its cost is known in advance: 200 loss evaluations (forward + backward) over
+# the flows, on one CPU thread ~0.1 s for 2 images x 16 pixels, ~1.1 s for 8 x 128 (measured on
+# 2 shared cores).
+ORACLE_STEPS = 200
 ORACLE_LR = 0.05
 # The oracle optimises this many images at once; each image's N x N matrices and their gradients
 # live for a step, so a chunk bounds the memory (256 x 512^2 float32 ~ 270 MB per matrix).
@@ -85,6 +89,24 @@ def _gaussian_start(shape: tuple[int, ...], seed: int, device: torch.device) -> 
     return torch.randn(shape, generator=generator).to(device)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On CPU, run the oracle on one intra-op thread (restored afterwards). Its steps are loops
+    of small, cache-sized operations (``cpfs_loss`` works a few images at a time, issue 16),
+    where waking threads costs more than they save: 200 steps over 8 images x 128 pixels took
+    16 s on 2 threads and 1.1 s on one (2 shared cores). Nothing else runs meanwhile, so the
+    thread count of the caller's own operations is unchanged."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def oracle_embeddings(flows: Tensor, sigma2: Tensor | float, dim: int, steps: int = ORACLE_STEPS,
                       lr: float = ORACLE_LR, seed: int = 0, chunk: int = ORACLE_CHUNK) -> Tensor:
     """Free per-pixel embeddings (B, N, dim) optimised directly against ``flows`` (B, N, 2) under
@@ -98,7 +120,7 @@ def oracle_embeddings(flows: Tensor, sigma2: Tensor | float, dim: int, steps: in
     flows = flows.detach().float()
     start = _gaussian_start(tuple(flows.shape[:2]) + (dim,), seed, flows.device)
     parts = []
-    with torch.enable_grad():
+    with torch.enable_grad(), _one_cpu_thread(flows.device):
         for i in range(0, flows.shape[0], chunk):
             emb = start[i:i + chunk].clone().requires_grad_(True)
             optimizer = torch.optim.Adam([emb], lr=lr)
@@ -157,7 +179,11 @@ class ValidationReference:
     with a frozen sigma they are computed once per run; with a learned sigma (P1) the oracle is
     recomputed from the same seeded start at each validation's sigma^2 (its full budget, no
     warm start, so a value does not depend on the run's history). Cost per validation: the
-    oracle's ``ORACLE_STEPS`` loss evaluations over the validation flows, no network pass.
+    oracle's ``ORACLE_STEPS`` loss evaluations (forward + backward) over the validation flows, no
+    network pass: ~1 s for the ``demo`` preset's 16 x 128 on one CPU thread. At the paper's
+    5,000 x 512 it is ~1e12 kernel entries per validation, not measured on a GPU yet (a
+    memory-bound estimate for one H200 is seconds); ``--set val_skill=false`` turns it off.
+    Reading the flows the first time decodes each validation pair once in the calling process.
     """
 
     def __init__(self, flows: Tensor, dim: int, seed: int = 0):
@@ -176,7 +202,10 @@ class ValidationReference:
         return self.flows.shape[0]
 
     def losses(self, sigma2: float) -> tuple[float, float]:
-        """``(L_uniform, L_oracle)`` at ``sigma2``, means over the flows."""
+        """``(L_uniform, L_oracle)`` at ``sigma2``, means over the flows ((0, 0) for none: a DDP
+        rank without validation pairs contributes nothing to the count-weighted average)."""
+        if not len(self):
+            return 0.0, 0.0
         if self._cache is None or self._cache[0] != sigma2:
             self._cache = (sigma2, uniform_loss(self.flows, sigma2),
                            oracle_loss(self.flows, sigma2, self.dim, seed=self.seed))
@@ -242,10 +271,11 @@ def _device(name: str) -> torch.device:
 
 
 def evaluate(ckpt: str, data: str, split: str = "val", seed: int = 0, pairs: int | None = None,
-             batch_size: int = 8, device: str = "auto") -> dict:
+             batch_size: int = 8, device: str = "auto", num_pixels: int | None = None) -> dict:
     """The skill of ``ckpt`` (a checkpoint path or ``"random"``) on the first ``pairs`` pairs
     (all when None) of ``split`` of the prepared folder ``data`` (``"all"``: every pair), as the
-    dict the CLI prints."""
+    dict the CLI prints. ``num_pixels`` replaces the run's N (the losses, hence the skill, depend
+    on N: compare scores at the same N)."""
     from pretrain.data import FlowPairDataset
     from runtime.errors import ConfigError, DatasetError
 
@@ -255,8 +285,12 @@ def evaluate(ckpt: str, data: str, split: str = "val", seed: int = 0, pairs: int
         raise ConfigError(f"--pairs must be positive, got {pairs}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if num_pixels is not None and num_pixels < 2:
+        raise ConfigError(f"--num-pixels must be at least 2, got {num_pixels}")
     dev = _device(device)
     net, sigma2, settings = load_network(ckpt, seed, dev)
+    if num_pixels is not None:
+        settings["num_pixels"] = num_pixels
     dataset = FlowPairDataset(data, None if split == "all" else split, train=False, seed=seed, **settings)
     count = len(dataset) if pairs is None else min(pairs, len(dataset))
     if count == 0:
@@ -288,6 +322,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random network, the sampled pixels and the oracle's start")
     p.add_argument("--pairs", type=int, help="score the first K pairs of the split (default all)")
+    p.add_argument("--num-pixels", type=int, help="pixels per image (default: the run's; 512 for random)")
     p.add_argument("--batch-size", type=int, default=8, help="images per network pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the readable one")
@@ -299,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     try:
-        result = evaluate(args.ckpt, args.data, args.split, args.seed, args.pairs, args.batch_size, args.device)
+        result = evaluate(args.ckpt, args.data, args.split, args.seed, args.pairs, args.batch_size, args.device,
+                          args.num_pixels)
     except (ValueError, OSError) as err:  # CheckpointError, DatasetError, ConfigError: ValueErrors
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

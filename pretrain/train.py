@@ -74,9 +74,9 @@ from backbones.checkpoint import CheckpointError, atomic_torch_save
 from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
 from pretrain.export import export
 from pretrain.loss import Sigma, cpfs_loss, direct_regression_loss
-from pretrain.proxy import ValidationReference, skill
 from pretrain.model import (BN_MOMENTUM, EMBEDDING_DIM, HIDDEN_WIDTH, HYPERCOLUMN_LAYERS, NUM_BINS,
                             PRETRAIN_FORMAT, build_model, hypercolumn_layer_names)
+from pretrain.proxy import ValidationReference, skill
 from runtime import config_checks as checks
 from runtime import loop
 from runtime.config import chosen, config_dict, operational, operational_fields, parse_overrides, plain, protocol
@@ -132,6 +132,9 @@ class Config:
                                "(--val-data): every pair of that prepared folder")
     checkpoint_every: int = operational(2_000)
     log_every: int = operational(20)
+    val_skill: bool = operational(True, "log the proxy-task skill (pretrain.proxy) at every validation of a CPFS "
+                                        "run; changes no weight, costs the oracle's 200 loss steps over the "
+                                        "validation flows")
     # system
     seed: int = operational(0, "the run's seed (named in the run, not a protocol value)")
     workers: int = operational(8)
@@ -169,7 +172,7 @@ CUSTOM = "+custom"  # appended to a preset's name when a run's values depart fro
 # The preset's name may change too: it is derived from the values (a longer max_steps makes
 # "paper" "paper+custom"), and each value is compared on its own.
 RESUME_MAY_CHANGE = {"data", "out", "resume", "overwrite", "max_steps", "workers", "device", "progress",
-                     "export", "log_every", "checkpoint_every", "preset"}
+                     "export", "log_every", "checkpoint_every", "preset", "val_skill"}
 # What a run writes into its folder: the presence of any of these means the folder holds a run.
 RUN_FILES = ("best.pt", "last.pt", "log.jsonl", "config.json", "summary.json", "alexnet_plain.pt", "tensorboard")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -349,17 +352,13 @@ def validate(objective: PretrainObjective, loader: DataLoader, device: torch.dev
     return float(total[0] / total[1].clamp(min=1))
 
 
-# Report the proxy-task skill (pretrain.proxy) at every validation of a CPFS run. It reads no
-# network and draws from no global RNG (the oracle has a generator of its own), so a run's weights
-# are bit for bit the same with it off (tests/test_proxy.py); off only to save its cost.
-VALIDATION_SKILL = True
-
-
 def validation_skill(reference: ValidationReference, val_loss: float, sigma2: float, info: DistInfo,
                      device: torch.device) -> dict:
     """``skill``, ``loss_uniform`` and ``loss_oracle`` of one validation: the references on this
     rank's validation flows at the current sigma^2 (:class:`ValidationReference` caches them per
-    sigma^2), averaged over the ranks by image count like the validation loss."""
+    sigma^2), averaged over the ranks by image count like the validation loss. It runs no network
+    and draws from no global RNG (the oracle has a generator of its own), so a run's weights are
+    bit for bit the same with ``val_skill`` off (tests/test_proxy.py)."""
     uniform, oracle = reference.losses(sigma2)
     total = torch.tensor([uniform * len(reference), oracle * len(reference), len(reference)],
                          dtype=torch.float64, device=device)
@@ -387,8 +386,8 @@ class Validation:
 
     def skill_values(self, val: float) -> dict:
         """The proxy-task skill of this validation (:func:`validation_skill`); {} for the direct
-        baseline (no embedding, no sigma) or with ``VALIDATION_SKILL`` off."""
-        if not VALIDATION_SKILL or self.objective.sigma is None or self.loader is None:
+        baseline (no embedding, no sigma) or with ``val_skill`` off."""
+        if not self.config.val_skill or self.objective.sigma is None or self.loader is None:
             return {}
         if self.reference is None:
             self.reference = ValidationReference.from_dataset(self.loader.dataset, self.objective.net.embedding_dim,

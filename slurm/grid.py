@@ -12,11 +12,13 @@ seed) is one *cell*, i.e. one ``python -m evals.run`` run and one result record:
     log_dir: slurm_logs/paper    # submitit logs and cells.json (job ids, log paths)
     report_dir: results/report   # where --report writes Table 1/2
     seeds: [0]                   # default seeds of every task
-    checkpoints:                 # name -> path (or `random`), optional row label, supervision and row
+    checkpoints:                 # name -> path (or `random`, `random-rescaled`), optional row label,
+                                 # supervision, row, and tasks (default: every task)
       cpfs: {path: runs/cpfs/alexnet_plain.pt, label: Ours, supervision: Optical-flow}
       cpfs_s1: {path: runs/cpfs_s1/alexnet_plain.pt, label: Ours, row: ours-seeds}  # `row`: pool under one
       cpfs_s2: {path: runs/cpfs_s2/alexnet_plain.pt, label: Ours, row: ours-seeds}  # table row (evals.run --row)
       random: {path: random}
+      random_rescaled: {path: random-rescaled, tasks: [in1k_linear]}  # `tasks`: only these tasks' cells
     slurm:                       # defaults of every job; a task's `resources` override them
       partition: gpu
       array_parallelism: 64      # array tasks running at once (per task's array)
@@ -62,7 +64,8 @@ SCALAR_KEYS = ("name", "base", "preset") + PATH_KEYS  # what `--set KEY=VALUE` m
 SLURM_KEYS = {"partition", "array_parallelism", "additional_parameters", "setup", "signal_delay_s", "max_num_timeout"}
 RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time", "partition", "tasks", "additional_parameters"}
 TASK_KEYS = {"resources", "seeds", "workers", "set"}
-CHECKPOINT_KEYS = {"path", "label", "supervision", "row"}
+CHECKPOINT_KEYS = {"path", "label", "supervision", "row", "tasks"}
+BUILTIN_CHECKPOINTS = ("random", "random-rescaled")  # evals.run builds these; not file paths
 DEFAULT_RESOURCES = {"gpus": 0, "cpus": 1, "mem_gb": 4, "time": 60}
 
 
@@ -109,10 +112,14 @@ class Resources:
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     name: str
-    path: str            # a file, or "random"
+    path: str            # a file, or one of BUILTIN_CHECKPOINTS
     label: str | None
     supervision: str | None
     row: str | None = None  # pools checkpoints sharing it under one table row (evals.run --row)
+    tasks: tuple[str, ...] | None = None  # the only tasks it runs on (None: all of the grid's)
+
+    def runs_on(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +225,7 @@ class Grid:
         package imports nothing from the evaluation code. A checkpoint file that does not exist yet
         gives cells that are :attr:`Cell.waiting`; an unreadable one or a bad setting is an error."""
         specs = [(task, ckpt, seed) for task in self.tasks.values() for ckpt in self.checkpoints.values()
-                 for seed in task.seeds]
+                 if ckpt.runs_on(task.name) for seed in task.seeds]
         argvs = [self.argv(task, ckpt, seed) for task, ckpt, seed in specs]
         plans = plan_runs(argvs, self.source)
         cells = []
@@ -285,6 +292,19 @@ def _seeds(where: str, value) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def _checkpoint_tasks(where: str, value) -> tuple[str, ...] | None:
+    """A checkpoint's optional ``tasks`` list: known task names, at least one."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise GridError(f"{where}: expected a non-empty list of task names, got {value!r}")
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise GridError(f"{where}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    return tuple(names)
+
+
 def resources(where: str, table: Mapping, defaults: Mapping) -> Resources:
     """A task's ``resources`` over the ``slurm:`` defaults over :data:`DEFAULT_RESOURCES`."""
     table = _check_keys(where, table, RESOURCE_KEYS)
@@ -331,10 +351,12 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
         spec = {"path": spec} if isinstance(spec, str) else spec
         spec = _check_keys(f"{source}: checkpoints.{name}", spec, CHECKPOINT_KEYS)
         if "path" not in spec:
-            raise GridError(f"{source}: checkpoints.{name} needs a path (a file, or 'random')")
-        ckpt_path = "random" if spec["path"] == "random" else str(path_of(spec["path"]))
+            raise GridError(f"{source}: checkpoints.{name} needs a path (a file, or one of "
+                            f"{list(BUILTIN_CHECKPOINTS)})")
+        ckpt_path = spec["path"] if spec["path"] in BUILTIN_CHECKPOINTS else str(path_of(spec["path"]))
         checkpoints[str(name)] = Checkpoint(str(name), ckpt_path, spec.get("label"), spec.get("supervision"),
-                                            None if spec.get("row") is None else str(spec["row"]))
+                                            None if spec.get("row") is None else str(spec["row"]),
+                                            _checkpoint_tasks(f"{source}: checkpoints.{name}.tasks", spec.get("tasks")))
     if not checkpoints:
         raise GridError(f"{source}: checkpoints is empty")
     default_seeds = _seeds(f"{source}: seeds", raw.get("seeds", [0]))

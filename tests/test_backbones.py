@@ -230,3 +230,82 @@ def test_random_backbone_is_seeded():
     a, b, c = random_backbone(0, num_classes=20), random_backbone(0, num_classes=20), random_backbone(1)
     assert a.fingerprint == b.fingerprint != c.fingerprint
     torch.testing.assert_close(a.model.conv1.weight, b.model.conv1.weight)
+
+
+# --- python -m backbones.features / backbones.info ----------------------------------------------------
+
+def _write_image(path, size=(240, 200)):
+    from PIL import Image
+    pixels = (torch.rand(size[1], size[0], 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_features_cli_gives_one_line_errors(tmp_path, capsys):
+    from backbones import features
+    image = _write_image(tmp_path / "img.png")
+    cases = [
+        (["--ckpt", "random", "--image", str(image), "--layers", "conv1,conv9"], "conv9"),
+        (["--ckpt", "random", "--image", str(tmp_path / "none.jpg"), "--layers", "conv1"], "none.jpg"),
+        (["--ckpt", str(tmp_path / "none.pt"), "--image", str(image), "--layers", "conv1"], "none.pt"),
+    ]
+    for argv, named in cases:
+        assert features.main(argv + ["--out", str(tmp_path / "f.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and named in err
+    assert not (tmp_path / "f.npz").exists()
+
+
+@pytest.mark.slow
+def test_features_cli_saves_rectified_activations(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from backbones import features
+    from backbones.inputs import load_input
+    image = _write_image(tmp_path / "img.png", (300, 260))
+    out = tmp_path / "f.npz"
+    assert features.main(["--ckpt", "random", "--image", str(image), "--layers", "conv1,pool5,fc7",
+                          "--out", str(out)]) == 0
+    saved = np.load(out)
+    assert saved["conv1"].shape == (96, 57, 57) and saved["pool5"].shape == (256, 6, 6)
+    assert saved["fc7"].shape == (4096,) and saved["conv1"].min() >= 0  # after the ReLU
+    model = random_backbone(0).model.eval()
+    with torch.no_grad():
+        expected = model.activations(load_input(image, 227).unsqueeze(0), ["fc7"])["fc7"][0]
+    np.testing.assert_allclose(saved["fc7"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    meta = json.loads(str(saved["meta"]))
+    assert meta["fingerprint"] == random_backbone(0).fingerprint and meta["resized"] and not meta["dense_fc"]
+    # --no-resize: the image's own size; fc layers as dense maps
+    assert features.main(["--ckpt", "random", "--image", str(image), "--layers", "conv1,fc6", "--no-resize",
+                          "--out", str(out)]) == 0
+    saved = np.load(out)  # 300x260 px: conv1 65x75, pool5 7x8, so fc6 is a 2x3 map
+    assert saved["conv1"].shape == (96, 65, 75) and saved["fc6"].shape == (4096, 2, 3)
+    small = _write_image(tmp_path / "small.png", (120, 120))
+    assert features.main(["--ckpt", "random", "--image", str(small), "--layers", "fc7", "--no-resize",
+                          "--out", str(out)]) == 2
+    assert "smaller than fc6's 6x6 window" in capsys.readouterr().err
+
+
+def test_info_cli_describes_a_checkpoint_on_one_screen(tmp_path, capsys):
+    from backbones import info
+    state = {"conv1.weight": torch.zeros(96, 3, 11, 11), "conv1.bias": torch.zeros(96),
+             "bn1.running_mean": torch.zeros(96), "bn1.running_var": torch.ones(96),
+             "bn1.num_batches_tracked": torch.tensor(3), "fc8.weight": torch.zeros(20, 4096),
+             "fc8.bias": torch.zeros(20)}
+    path = tmp_path / "c.pt"
+    torch.save({"format": "cpfs-bench/alexnet", "arch": {"layout": "caffenet", "batchnorm": True, "num_classes": 20},
+                "state_dict": state, "meta": {"method": "cpfs", "preset": "paper", "rescale": {"seed": 3},
+                                              "image_ids": [f"{i:06d}" for i in range(200)]}}, path)
+    assert info.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = "\n".join(lines)
+    assert len(lines) <= 40 and all(len(line) <= info.WIDTH for line in lines[1:])  # [0]: the path
+    assert "layout caffenet" in text and "batchnorm    yes" in text and "fc8 with 20 classes" in text
+    assert f"parameters   {96 * 3 * 121 + 96 + 20 * 4096 + 20:,}" in text  # BN statistics are not parameters
+    assert fingerprint(state) in text and "conv1 96x3x11x11" in text
+    assert 'method = "cpfs"' in text and "seed = 3" in text and "chars)" in text  # long values shortened
+    assert info.main([str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none.pt" in err

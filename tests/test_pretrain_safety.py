@@ -205,6 +205,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(data, tmp_path, capsys):
     assert [p.name for p in run.iterdir()] == ["last.pt"]  # the refused resume changed nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cli", ["export", "visualize"])
 def test_export_and_visualize_report_bad_checkpoints_in_one_line(data, finished, tmp_path, capsys, cli):
     truncated = tmp_path / "truncated.pt"

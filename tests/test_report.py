@@ -218,6 +218,7 @@ def test_other_supervision_run_joins_no_group():
     assert rows[-1]["bold"] == "" and rows[-1]["bold_group"] == ""
 
 
+@pytest.mark.slow
 def test_cli_writes_all_six_files(tmp_path, capsys):
     runs = tmp_path / "runs"
     store.write_record(_rec("voc12_seg", {"mIoU": 42.0}), runs)

@@ -125,7 +125,8 @@ def test_the_shipped_grids_load():
     assert res.tasks == res.gpus == 4 and all("--resume" in c.argv for c in pretrain)
     demo = load_grid(REPO / "slurm" / "demo.yaml", {"base": "/x"})
     assert demo.preset == "demo" and demo.results_dir == Path("/x/results")
-    assert set(demo.checkpoints) == {"cpfs", "direct", "random"}
+    assert set(demo.checkpoints) == {"cpfs", "direct", "random", "random_rescaled"}
+    assert demo.checkpoints["random_rescaled"].tasks == ("in1k_linear",)
 
 
 def test_paper_grid_dry_run_lists_every_cell_before_pretraining(capsys):
@@ -446,6 +447,7 @@ def test_flow_shards_then_pretraining_run_as_slurm_jobs(slurm_cluster, tmp_path)
     assert load_backbone(run / "alexnet_plain.pt").fingerprint == summary["fingerprint"]
 
 
+@pytest.mark.slow
 def test_local_executor_runs_the_grid_without_slurm(tmp_path, assets, capsys):
     path = write_grid(tmp_path / "g.yaml", assets, {"in1k_linear": TINY_LINEAR}, checkpoints=("random",))
     assert submit.main([str(path), "--cluster", "local"]) == 0

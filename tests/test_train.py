@@ -71,6 +71,7 @@ def _tensors(path):
     return ckpt, flat
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_logs_tensorboard_and_learns_sigma(straight):
     out, summary = straight
     assert summary["steps"] == 4 and summary["stopped"] == "max_steps"
@@ -102,6 +103,7 @@ def test_export_is_a_plain_alexnet_that_load_backbone_reads(straight):
     assert loaded.meta["method"] == "cpfs" and loaded.meta["folded_batchnorm"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_run_ends_bit_identical_to_uninterrupted(data, straight, tmp_path, workers):
     train(tiny(data, tmp_path, max_steps=2, workers=workers))  # "killed" after step 2 (checkpoint at 2)
@@ -118,6 +120,7 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted(data, straight, tmp_pat
     assert steps == sorted(steps) and steps.count(3) == 1  # the log continues, no duplicates
 
 
+@pytest.mark.slow
 def test_preemption_saves_after_the_step_in_progress_and_resume_matches(data, straight, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = pretrain_train.cpfs_loss
@@ -143,6 +146,7 @@ def test_preemption_saves_after_the_step_in_progress_and_resume_matches(data, st
     assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = pretrain_train.cpfs_loss
@@ -160,6 +164,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_early_stopping_when_the_validation_loss_stops_improving(data, tmp_path, monkeypatch):
     values = iter([1.0, 0.5, 0.7, 0.8, 0.1, 0.1])
     monkeypatch.setattr(pretrain_train, "validate", lambda *args: next(values))
@@ -172,6 +177,7 @@ def test_early_stopping_when_the_validation_loss_stops_improving(data, tmp_path,
     assert again["steps_this_run"] == 0  # an early-stopped run stays stopped
 
 
+@pytest.mark.slow
 def test_cli_direct_regression_baseline(data, tmp_path):
     out = tmp_path / "direct"
     code = main(["--data", str(data), "--method", "direct", "--out", str(out), "--no-progress", "--workers", "0",
