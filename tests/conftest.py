@@ -6,6 +6,8 @@ first, as on a fresh clone. ``-m "not slow"`` leaves out end-to-end runs and the
 """
 from __future__ import annotations
 
+import pytest
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs and real-SLURM tests (left out by -m 'not slow')")
@@ -17,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker("slow")
     others = [item for item in items if item not in needs_cluster]
     items[:] = others + needs_cluster
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny generated VOC/SBD/ImageNet-format data set (seed 0), shared read-only: tests that
+    break files copy it first."""
+    from evals.datasets import demo
+    root = tmp_path_factory.mktemp("demo") / "data"
+    demo.make_demo(root, seed=0, scale="tiny", progress=False)
+    return root

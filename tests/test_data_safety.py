@@ -47,13 +47,6 @@ from runtime.images import jpeg_is_complete, read_png_header
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("safety") / "data"
-    demo.make_demo(root, seed=0, scale="tiny", progress=False)
-    return root
-
-
 @pytest.fixture
 def data(tiny, tmp_path) -> Path:
     """A private copy of the tiny demo set, to break."""

@@ -43,13 +43,6 @@ SEED = 0
 TINY = demo.SCALES["tiny"]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "data"
-    demo.make_demo(root, seed=SEED, scale="tiny", progress=False)
-    return root
-
-
 @pytest.fixture
 def broken(tiny, tmp_path) -> Path:
     """A private copy of the tiny set to break."""

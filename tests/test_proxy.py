@@ -11,6 +11,7 @@ from pretrain import train as pretrain_train
 from pretrain.data import FlowPairDataset
 from pretrain.loss import cpfs_loss, flow_kernel
 from test_train import tiny, write_flow_folder
+from tests.helpers import pretrain_tensors
 
 SIGMA2 = 0.01
 PIXELS = 32
@@ -89,12 +90,7 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys, monkeypatch):
 
 
 def _weights(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    flat = {f"backbone.{k}": v for k, v in ckpt["state_dict"].items()}
-    flat.update({f"head.{k}": v for k, v in ckpt["head"].items()})
-    flat.update({f"sigma.{k}": v for k, v in ckpt["sigma"].items()})
-    for pid, state in ckpt["optimizer"]["state"].items():
-        flat.update({f"adam.{pid}.{k}": v for k, v in state.items()})
+    ckpt, flat = pretrain_tensors(path)
     flat["torch_rng"] = ckpt["torch_rng"]
     return flat
 

@@ -15,6 +15,7 @@ from pretrain.model import load_pretrain_checkpoint
 from pretrain.train import Config, NonFiniteLossError, main, train
 from pretrain.visualize import visualize
 from runtime import loop
+from tests.helpers import pretrain_tensors
 
 
 def write_flow_folder(root, train_pairs=6, val_pairs=2, size=(232, 240)):
@@ -61,14 +62,7 @@ def straight(data, tmp_path_factory):
     return out, train(tiny(data, out, export=True))
 
 
-def _tensors(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    flat = {f"backbone.{k}": v for k, v in ckpt["state_dict"].items()}
-    flat.update({f"head.{k}": v for k, v in ckpt["head"].items()})
-    flat.update({f"sigma.{k}": v for k, v in ckpt["sigma"].items()})
-    for pid, state in ckpt["optimizer"]["state"].items():
-        flat.update({f"adam.{pid}.{k}": v for k, v in state.items()})
-    return ckpt, flat
+_tensors = pretrain_tensors
 
 
 @pytest.mark.slow
