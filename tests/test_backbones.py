@@ -137,6 +137,7 @@ def test_torchvision_weights_give_torchvision_logits(tmp_path):
     assert load_backbone(tmp_path / "w.pth", num_classes=1000).fingerprint == loaded.fingerprint
 
 
+@pytest.mark.slow
 def test_new_head_must_be_declared(tmp_path):
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), tmp_path / "tv.pth")
     with pytest.raises(CheckpointError, match=r"shape mismatch.*fc8\.weight"):
@@ -146,6 +147,7 @@ def test_new_head_must_be_declared(tmp_path):
     assert loaded.report["missing"] == ["fc8.bias", "fc8.weight"]
 
 
+@pytest.mark.slow
 def test_missing_and_unexpected_keys_are_named(tmp_path):
     state = AlexNet("caffenet").state_dict()
     del state["conv3.bias"]
@@ -167,6 +169,7 @@ def test_shape_mismatch_is_named():
         load_state_dict_strict(model, state, source="x.pt")
 
 
+@pytest.mark.slow
 def test_bad_files_give_one_line_errors(tmp_path):
     good = tmp_path / "good.pt"
     save_backbone(AlexNet("caffenet"), good)
@@ -191,6 +194,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
         assert message.startswith(str(path)) and problem in message and "\n" not in message, message
 
 
+@pytest.mark.slow
 def test_fingerprint_identifies_content(tmp_path):
     model = AlexNet("caffenet")
     fp = save_backbone(model, tmp_path / "a.pt")
@@ -226,6 +230,7 @@ def test_export_folds_a_pretraining_checkpoint(tmp_path):
         torch.testing.assert_close(direct.model.eval()(x), loaded.model(x))
 
 
+@pytest.mark.slow
 def test_random_backbone_is_seeded():
     a, b, c = random_backbone(0, num_classes=20), random_backbone(0, num_classes=20), random_backbone(1)
     assert a.fingerprint == b.fingerprint != c.fingerprint

@@ -154,6 +154,7 @@ def test_safe_load_refuses_code_in_any_container(tmp_path, container):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_with_nan_weights_is_refused_at_load(tmp_path):
     model = AlexNet("caffenet")
     with torch.no_grad():

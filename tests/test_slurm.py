@@ -129,6 +129,7 @@ def test_the_shipped_grids_load():
     assert demo.checkpoints["random_rescaled"].tasks == ("in1k_linear",)
 
 
+@pytest.mark.slow
 def test_paper_grid_dry_run_lists_every_cell_before_pretraining(capsys):
     """The acceptance check: the full paper grid with the protocol's resources, even though the
     CPFS and baseline checkpoints do not exist yet (their cells wait, nothing is submitted)."""
@@ -144,6 +145,7 @@ def test_paper_grid_dry_run_lists_every_cell_before_pretraining(capsys):
     assert "--preset paper" in out and "--preset demo" not in out
 
 
+@pytest.mark.slow
 def test_dry_run_estimate_prints_a_cost_per_cell_and_a_total(capsys, tmp_path, monkeypatch):
     """--estimate: GPU-hours = iterations (voc12_seg: stage 1 + 2) / steps_per_s x GPUs per cell,
     from the step-rate file, labelled by where the rates were measured, and a total."""
@@ -171,6 +173,7 @@ def test_dry_run_estimate_prints_a_cost_per_cell_and_a_total(capsys, tmp_path, m
         submit.main([str(REPO / "slurm" / "paper.yaml"), "--estimate"])  # only with --dry-run
 
 
+@pytest.mark.slow
 def test_dry_run_needs_no_slurm_installation(tmp_path):
     """On a laptop without SLURM (no srun/sbatch on PATH) the paper grid's dry run still prints every
     cell and its #SBATCH lines: they are rendered from the parameters, not by a live SlurmExecutor."""
@@ -220,6 +223,7 @@ def test_jobs_dry_run_lists_the_sharded_commands(capsys):
     assert "32 job(s) of evals.detection.proposals" in out and "--split test" in out and "--shard-index 15 --num-shards 16" in out
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_cell_with_its_sbatch_lines(tmp_path, assets, capsys):
     path = write_grid(tmp_path / "g.yaml", assets, {"voc07_cls": TINY_CLS, "in1k_linear": TINY_LINEAR})
     assert submit.main([str(path), "--dry-run"]) == 0

@@ -89,6 +89,7 @@ def test_training_writes_checkpoints_logs_tensorboard_and_learns_sigma(straight)
     assert not list(out.glob(".tmp-*"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.slow
 def test_export_is_a_plain_alexnet_that_load_backbone_reads(straight):
     out, summary = straight
     loaded = load_backbone(out / "alexnet_plain.pt")
