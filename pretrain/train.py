@@ -71,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from backbones.checkpoint import CheckpointError, atomic_torch_save
-from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset
+from pretrain.data import DEFAULT_SCALE_RANGE, FlowPairDataset, preflight_flow_pairs
 from pretrain.export import export
 from pretrain.loss import Sigma, cpfs_loss, direct_regression_loss
 from pretrain.model import (BN_MOMENTUM, EMBEDDING_DIM, HIDDEN_WIDTH, HYPERCOLUMN_LAYERS, NUM_BINS,
@@ -296,6 +296,10 @@ def datasets(config: Config) -> tuple[FlowPairDataset, FlowPairDataset]:
             raise DatasetError(f"{val_set.manifest_path}: --val-data has no pairs")
     else:
         val_set = FlowPairDataset(config.data, "val", train=False, **common)
+    # every file the run will read, checked now (seconds): a missing or 8-bit flow PNG stops the run
+    # here in one line instead of mid-epoch (and again on --resume)
+    preflight_flow_pairs(train_set, log=None)
+    preflight_flow_pairs(val_set, allow_empty=True, log=None)
     return train_set, val_set
 
 

@@ -327,3 +327,18 @@ def test_the_command_line_ends_with_one_error_line_and_no_traceback(data, finish
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(expected), done.stderr
     assert hashes(finished) == before
+
+
+def test_an_8bit_flow_png_stops_pretraining_before_the_first_step(data, tmp_path, capsys):
+    """Found by the pre-flight in seconds, one line naming the file; no run folder is created."""
+    import shutil
+    import cv2
+    import numpy as np
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    flow_png = sorted((broken / "flow").glob("*.png"))[0]
+    cv2.imwrite(str(flow_png), np.zeros((8, 8, 3), np.uint8))  # an ordinary 8-bit image
+    out = tmp_path / "run"
+    assert main(["--data", str(broken), "--out", str(out), *TINY]) == 2
+    lines = error_lines(capsys)
+    assert lines[-1].startswith(f"error: {flow_png}: flow PNG must be 16-bit") and not out.exists()
