@@ -25,7 +25,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from backbones.alexnet import AlexNet, AlexNetArch, fold_batchnorm
+import dataclasses
+import json
+
+from backbones.alexnet import AlexNet, AlexNetArch, arch_from_dict, fold_batchnorm
 from runtime.atomic import atomic_torch_save  # noqa: F401  (re-exported)
 from runtime.errors import CheckpointError  # noqa: F401  (re-exported)
 from runtime.safe_load import safe_torch_load
@@ -52,16 +55,40 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.state_dict)
+        return fingerprint(self.state_dict, self.arch)
 
 
-def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted key names, dtypes, shapes and raw bytes of every tensor."""
+def arch_identity(arch: AlexNetArch | None) -> str | None:
+    """What of ``arch`` changes the network's output beyond its tensors, as text; ``None`` for
+    the two members the project began with (``caffenet``/``torchvision`` with the canonical
+    input), whose fingerprints therefore stay what they always were. Two files with the same
+    weights but another input spec, LRN or pooling are different networks and must not share a
+    fingerprint (a finished record of one would otherwise be taken for the other's)."""
+    if arch is None:
+        return None
+    plain = dataclasses.replace(arch, num_classes=None, dropout=0.5, batchnorm=False)
+    if arch.layout in ("caffenet", "torchvision") and plain == AlexNetArch(arch.layout) \
+            and arch.input.mean_image is None:
+        return None
+    described = plain.to_dict()
+    del described["layout"], described["num_classes"], described["dropout"], described["batchnorm"]
+    image = arch.input.mean_image
+    if image is not None:
+        described["input"]["mean_image"] = hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
+    return json.dumps(described, sort_keys=True)
+
+
+def fingerprint(state_dict: Mapping[str, torch.Tensor], arch: AlexNetArch | None = None) -> str:
+    """sha256 over the sorted key names, dtypes, shapes and raw bytes of every tensor, and over
+    :func:`arch_identity` when the architecture or the input convention is not a plain original."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    identity = arch_identity(arch)
+    if identity is not None:
+        digest.update(b"arch|" + identity.encode())
     return digest.hexdigest()
 
 
@@ -105,7 +132,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if not isinstance(obj.get("arch"), Mapping) or not _is_state_dict(obj.get("state_dict")):
             raise CheckpointError(path, f"{obj['format']} checkpoint without 'arch' and 'state_dict'")
         try:
-            arch = AlexNetArch(**obj["arch"])
+            arch = arch_from_dict(obj["arch"])
         except (TypeError, ValueError) as err:
             raise CheckpointError(path, f"bad 'arch' entry ({err})") from None
         ckpt = Checkpoint(str(path), arch, dict(obj["state_dict"]), obj["format"], dict(obj.get("meta") or {}))
@@ -198,7 +225,7 @@ def load_backbone(path: str | os.PathLike, *, num_classes: int | None = None, ba
     if bad:  # found now, not as a NaN loss at step 1
         raise CheckpointError(path, f"non-finite values (NaN or inf) in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     source_arch = ckpt.arch
-    model = AlexNet(source_arch.layout, batchnorm=source_arch.batchnorm, num_classes=num_classes, dropout=dropout)
+    model = AlexNet(arch=dataclasses.replace(source_arch, num_classes=num_classes, dropout=dropout))
     report = load_state_dict_strict(model, ckpt.state_dict, source=ckpt.source,
                                     allow_missing=allow_missing, discard=discard)
     report["folded_batchnorm"] = False
@@ -231,7 +258,7 @@ def random_backbone(seed: int, *, layout: str = "caffenet", num_classes: int | N
 def save_backbone(model: AlexNet, path: str | os.PathLike, meta: Mapping | None = None) -> str:
     """Write ``model`` as a plain cpfs-bench AlexNet checkpoint; returns its fingerprint."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    fp = fingerprint(state)
+    fp = fingerprint(state, model.arch)
     atomic_torch_save({"format": EXPORT_FORMAT, "version": 1, "arch": model.arch.to_dict(),
                        "state_dict": state, "fingerprint": fp, "meta": dict(meta or {})}, path)
     return fp

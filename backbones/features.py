@@ -5,9 +5,10 @@
 
 Each named layer is saved as it comes out of its ReLU (``convK``, ``fc6``, ``fc7``; the pooled
 maps ``pool1``/``pool2``/``pool5`` may be asked for too), as float32 under its name, without the
-batch dimension: conv layers ``C x H x W``, fc layers a vector of 4096. The input is normalised as
-every network here expects (RGB in [0, 1], ``backbones.alexnet.IMAGENET_MEAN``/``IMAGENET_STD``)
-after the harnesses' test-time view: shorter side resized to 227, centre 227 crop.
+batch dimension: conv layers ``C x H x W``, fc layers a vector of 4096. The image is fed in the
+checkpoint's own input convention (its input spec: channel order, scale, mean, std, colour space;
+``python -m backbones.info CKPT`` shows it), after the harnesses' test-time view: shorter side
+resized to 227, centre 227 crop.
 
 ``--no-resize`` feeds the image at its own size, uncropped. fc6/fc7 then run in their dense form
 (fc6 as a 6x6 convolution over pool5, fc7 as 1x1; ``AlexNet.activations(dense=True)``), the map

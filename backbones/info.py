@@ -3,7 +3,8 @@
     python -m backbones.info CKPT
 
 Prints what :func:`backbones.checkpoint.read_checkpoint` knows: the file's format (ours, a bare
-AlexNet state dict, torchvision's), the family and layout, BatchNorm statistics (folded away when
+AlexNet state dict, torchvision's), the family member and its layers (widths, groups, LRN,
+pooling, front-end), the input spec (channel order, value range, mean, std, colour space), BatchNorm statistics (folded away when
 the file is evaluated), the classifier head, the parameter count, each layer's weight shape, the
 fingerprint the result records carry, and the meta the file states about itself (how it was
 pretrained or rescaled). Long meta values are shortened to keep to one screen. A file that cannot
@@ -48,6 +49,8 @@ def describe(ckpt: Checkpoint) -> list[str]:
         f"file         {ckpt.source}",
         f"format       {ckpt.source_format}",
         f"family       AlexNet, layout {arch.layout}",
+        *[f"{'layers' if i == 0 else '':13}{line}" for i, line in enumerate(arch.describe()[1:])],
+        f"input        {arch.input.describe()}",
         f"batchnorm    {'yes: statistics stored, folded into conv/fc when evaluated' if arch.batchnorm else 'no'}",
         f"head         {head}",
         f"parameters   {parameter_count(ckpt):,}",

@@ -41,8 +41,9 @@ and centre-cropped, normalised as every network here expects; never a test image
 
 Simplifications, all stated: the paper's per-column rates are averaged per layer through the
 squared norms (magic_init's own measure); the paper damps each step (``alpha``), which the exact
-one-step solution for these homogeneous networks makes unnecessary; no LRN exists here to break
-homogeneity. A checkpoint (as opposed to ``random``) gets only step 2 by default, as magic_init
+one-step solution for these homogeneous networks makes unnecessary. Members with Caffe's LRN
+(imported reference-layout networks) are not exactly homogeneous: there the step is approximate and
+the loop's further corrections (up to :data:`BETWEEN_ITERATIONS`) do the rest, as in magic_init. A checkpoint (as opposed to ``random``) gets only step 2 by default, as magic_init
 does for a loaded network (``-l``): its filters are kept and only the layers' relative scales
 change (``--steps both`` applies both).
 
@@ -65,7 +66,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from backbones.alexnet import ACTIVATIONS, CONV_LAYERS, FC_LAYERS, POOL_KERNEL, POOL_STRIDE, AlexNet
+from backbones.alexnet import ACTIVATIONS, CONV_LAYERS, FC_LAYERS, AlexNet
 from backbones.checkpoint import (LoadedBackbone, fingerprint, load_backbone, load_state_dict_strict,
                                   random_backbone, read_checkpoint, save_backbone)
 from backbones.inputs import load_batch, sample_paths, voc07_trainval_jpegs
@@ -81,7 +82,6 @@ INPUT_SIZE = 227          # the input the evaluated networks see (P2 crop)
 CHUNK = 16                # images per forward pass in step 1 (memory only; results do not depend on it)
 MANTISSA_BITS = 17        # rounding of gains and factors (see Determinism)
 SHIFT_STEP = 2.0 ** -20   # rounding of bias shifts
-POOLED = ("conv1", "conv2", "conv5")
 RECTIFIED = tuple(n for n in ACTIVATIONS if n in CONV_LAYERS + FC_LAYERS)  # conv1..conv5, fc6, fc7
 
 
@@ -99,8 +99,8 @@ def next_input(model: AlexNet, name: str, z: torch.Tensor) -> torch.Tensor:
     if name == "fc8":
         return z
     a = F.relu(z)
-    if name in POOLED:
-        a = F.max_pool2d(a, POOL_KERNEL, POOL_STRIDE)
+    if name in CONV_LAYERS:
+        a = model.after_conv(name, a)  # the member's LRN and pooling
     if name == "conv5":
         a = model._flatten_pool5(a)
     return a
@@ -108,6 +108,7 @@ def next_input(model: AlexNet, name: str, z: torch.Tensor) -> torch.Tensor:
 
 def network_output(model: AlexNet, x: torch.Tensor) -> torch.Tensor:
     """The last layer's output (rectified fc7, or fc8 logits), through :func:`next_input`."""
+    x = model.prepare_input(x)
     for name in parameter_layers(model):
         x = next_input(model, name, getattr(model, name)(x))
     return x

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from backbones.alexnet import PROBE_VALUES, probe_pool_sizes
 from backbones.checkpoint import fingerprint
 from evals import metrics
 from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
@@ -33,6 +34,7 @@ from runtime.loop import Trainer, multistep_lr
 
 TASK = "in1k_linear"
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+CAFFENET_WIDTHS = (96, 256, 384, 384, 256)  # the widths the protocol's pool sizes were set for
 CHECKS = {"lengths": {"pool_sizes": len(LAYERS)}, "minimum": {"crop": 64}}
 
 
@@ -133,7 +135,13 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
         param.requires_grad = False
     frozen_fp = fingerprint(backbone.state_dict())
     channels = {name: getattr(backbone, name).out_channels for name in LAYERS}
-    probes = LinearProbes(channels, dict(zip(LAYERS, config.pool_sizes)), num_classes).to(device)
+    pool_sizes = config.pool_sizes
+    if channels != dict(zip(LAYERS, CAFFENET_WIDTHS)):  # another member: the same ~9k-value budget (P5)
+        pool_sizes = probe_pool_sizes(backbone.arch, LAYERS)
+        if begun.log:
+            begun.log(f"[{TASK}] conv widths {list(channels.values())} are not CaffeNet's: probe sizes "
+                      f"{list(pool_sizes)} (about {PROBE_VALUES} values per layer) instead of {list(config.pool_sizes)}")
+    probes = LinearProbes(channels, dict(zip(LAYERS, pool_sizes)), num_classes).to(device)
     net = DistributedDataParallel(probes) if info.world_size > 1 else probes
     optimizer = torch.optim.SGD(probes.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

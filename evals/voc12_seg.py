@@ -121,7 +121,7 @@ class HypercolumnSegmenter(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.layers = tuple(layers)
-        self.geometry = layer_geometry(backbone.layout)
+        self.geometry = layer_geometry(backbone.arch)
         self.head = HypercolumnHead({l: layer_channels(backbone, l) for l in self.layers}, hidden, num_classes,
                                     dropout)
 

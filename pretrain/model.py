@@ -70,7 +70,7 @@ class _HypercolumnNet(nn.Module):
         self.backbone = AlexNet(LAYOUT, batchnorm=True, num_classes=None, dropout=backbone_dropout)
         set_bn_momentum(self.backbone, bn_momentum)
         self.layers = tuple(layers)
-        self.geometry = layer_geometry(LAYOUT)
+        self.geometry = layer_geometry(self.backbone.arch)
         channels = {name: layer_channels(self.backbone, name) for name in self.layers}
         self.head = HypercolumnHead(channels, hidden, out_dim, dropout)
         self._config = {"hidden": hidden, "layers": list(self.layers), "dropout": dropout,

@@ -38,8 +38,8 @@ start DDP from SLURM's variables), ``cpus`` per process, ``mem_gb`` per node, ``
 or ``[D-]HH:MM:SS``, ``partition``, ``additional_parameters`` (any sbatch option, merged over
 the ``slurm:`` ones), ``tasks`` (processes, to force CPU DDP). Unknown keys are errors.
 
-Optional sections ``prepare:``, ``proposals:`` and ``pretrain:`` describe the jobs before the
-grid (``python -m slurm.jobs``); see that module.
+Optional sections ``prepare:``, ``proposals:``, ``pretrain:`` and ``convert:`` describe the jobs
+before the grid (``python -m slurm.jobs``); see that module (``slurm/zoo.yaml`` has a ``convert:``).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from results.tasks import TASKS
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 TOP_KEYS = {"name", "base", "preset", "data_root", "results_dir", "work_dir", "log_dir", "report_dir", "seeds",
-            "checkpoints", "slurm", "tasks", "prepare", "proposals", "pretrain"}
+            "checkpoints", "slurm", "tasks", "prepare", "proposals", "pretrain", "convert"}
 PATH_KEYS = ("data_root", "results_dir", "work_dir", "log_dir", "report_dir")
 SCALAR_KEYS = ("name", "base", "preset") + PATH_KEYS  # what `--set KEY=VALUE` may change
 SLURM_KEYS = {"partition", "array_parallelism", "additional_parameters", "setup", "signal_delay_s", "max_num_timeout"}
@@ -377,7 +377,7 @@ def load_grid(path: str | Path, overrides: Mapping[str, Any] | None = None) -> G
                 results_dir=path_of(raw["results_dir"]), work_dir=path_of(raw.get("work_dir", "work_dirs")),
                 log_dir=path_of(raw["log_dir"]), report_dir=path_of(raw.get("report_dir", "results/report")),
                 checkpoints=checkpoints, tasks=tasks, slurm=dict(slurm),
-                sections={k: raw[k] for k in ("prepare", "proposals", "pretrain") if k in raw})
+                sections={k: raw[k] for k in ("prepare", "proposals", "pretrain", "convert") if k in raw})
 
 
 def parse_sets(pairs) -> dict[str, str]:

@@ -3,6 +3,7 @@
     python -m slurm.jobs prepare   GRID [--cluster slurm|local] [--dry-run] [--wait]
     python -m slurm.jobs proposals GRID ...
     python -m slurm.jobs pretrain  GRID ...
+    python -m slurm.jobs convert   GRID            # on this machine: seconds per checkpoint
 
 Each reads the section of that name in the grid file::
 
@@ -22,6 +23,19 @@ Each reads the section of that name in the grid file::
         - [--data, /data/cpfs_flow, --preset, paper, --out, runs/cpfs, --resume]
       resources: {gpus: 4, cpus: 10, mem_gb: 128, time: "3-00:00:00"}
 
+    convert:                    # backbones.convert, here and now: one entry per published checkpoint
+      doersch:                  # the name of the checkpoints: entry whose `path` it writes
+        src: zoo/doersch/caffenet_context.caffemodel      # relative to the grid's base
+        prototxt: zoo/doersch/deploy.prototxt             # optional: --prototxt
+        mean: zoo/doersch/mean.binaryproto                 # optional: --mean
+        args: [--input, "caffe,mean=none,per_image_mean=1", --discard, fc8]
+        note: "Doersch et al. 2015, context prediction"   # shown when files are missing
+
+``convert`` converts every entry whose files are present (an output newer than its source is kept),
+lists the missing ones with the files they expect, and exits 1 only if a conversion failed; the
+grid then evaluates the converted rows (a checkpoint whose file is still missing is listed by
+``slurm.submit`` but not submitted).
+
 Arguments are passed to the module as written (relative paths are relative to the folder you
 submit from). A sharded run gets ``--shard-index i --num-shards n`` appended. Every job is a
 ``slurm.runner.Command``: on preemption or timeout it requeues and the module resumes from its
@@ -40,7 +54,9 @@ from slurm.executor import make_executor
 from slurm.runner import Command
 from slurm.status import read_result, squeue_states
 
-MODULES = {"prepare": "pretrain.prepare", "proposals": "evals.detection.proposals", "pretrain": "pretrain.train"}
+MODULES = {"prepare": "pretrain.prepare", "proposals": "evals.detection.proposals", "pretrain": "pretrain.train",
+           "convert": "backbones.convert"}
+CONVERT_KEYS = {"src", "prototxt", "mean", "args", "note"}
 SECTION_KEYS = {"runs", "shards", "merge", "resources"}
 
 
@@ -139,10 +155,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def convert_section(grid, dry_run: bool = False, log=print) -> int:
+    """Convert the ``convert:`` entries whose files are present; list the missing ones."""
+    from pathlib import Path
+
+    from backbones import convert as converter
+
+    where = f"{grid.source}: convert"
+    spec = grid.sections.get("convert")
+    if not isinstance(spec, dict) or not spec:
+        raise GridError(f"{where}: the grid file has no convert section (a mapping of checkpoint name -> source)")
+    done, present, missing, failed = [], [], [], []
+    for name, entry in spec.items():
+        if not isinstance(entry, dict) or set(entry) - CONVERT_KEYS or "src" not in entry:
+            raise GridError(f"{where}.{name}: expected a mapping with src and optionally {sorted(CONVERT_KEYS - {'src'})}")
+        ckpt = grid.checkpoints.get(str(name))
+        if ckpt is None or ckpt.path in ("random", "random-rescaled"):
+            raise GridError(f"{where}.{name}: no checkpoints.{name} entry with the path to write")
+        files = {key: Path(str(entry[key])).expanduser() for key in ("src", "prototxt", "mean") if entry.get(key)}
+        files = {key: p if p.is_absolute() else grid.base / p for key, p in files.items()}
+        args = [str(a) for a in entry.get("args") or []]
+        out = Path(ckpt.path)
+        absent = [str(p) for p in files.values() if not p.is_file()]
+        if absent:
+            missing.append((name, entry.get("note", ""), absent))
+            continue
+        if out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in files.values()):
+            present.append((name, out))
+            continue
+        argv = [str(files["src"])] + [a for key in ("prototxt", "mean") if key in files
+                                      for a in (f"--{key}", str(files[key]))] + args + [
+            "--label", ckpt.label or str(name), "--supervision", ckpt.supervision or "-", "--out", str(out), "--quiet"]
+        log(f"[convert] {name}: python -m backbones.convert {' '.join(argv)}")
+        if dry_run:
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (done if converter.main(argv) == 0 else failed).append(name)
+    log(f"{grid.source}: {len(done)} converted, {len(present)} already converted, {len(missing)} missing, "
+        f"{len(failed)} failed" + (" (dry run: nothing written)" if dry_run else ""))
+    for name, out in present:
+        log(f"  present   {name}: {out}")
+    for name, note, absent in missing:
+        log(f"  missing   {name}" + (f" ({note})" if note else "") + f": {', '.join(absent)}")
+    for name in failed:
+        log(f"  FAILED    {name} (the error is above)")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         grid = load_grid(args.grid, parse_sets(args.set))
+        if args.section == "convert":
+            return convert_section(grid, args.dry_run)
         return run_section(grid, args.section, args.cluster, args.dry_run, args.wait, args.poll)
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)

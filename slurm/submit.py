@@ -125,8 +125,9 @@ def submit(grid: Grid, cluster: str = "slurm", dry_run: bool = False, only_faile
         f"{'would submit' if dry_run else 'submitting'} {len(todo)}"
         + (" (--only-failed)" if only_failed else ""))
     for path in dict.fromkeys(c.checkpoint.path for c in waiting):
+        first = "convert" if "convert" in grid.sections else "pretrain"
         log(f"note: {path} does not exist yet: its cells are listed but not submitted "
-            f"(pretrain first: python -m slurm.jobs pretrain {grid.source})")
+            f"({first} first: python -m slurm.jobs {first} {grid.source})")
     if dry_run:
         for task in grid.tasks:
             listed = {c.key for c in todo + waiting}

@@ -41,7 +41,7 @@ class FastRCNN(nn.Module):
     def __init__(self, backbone: AlexNet, num_classes: int = NUM_CLASSES, cls_init_std: float = 0.01,
                  bbox_init_std: float = 0.001):
         super().__init__()
-        stride = layer_geometry(backbone.layout)["conv5"][0]
+        stride = layer_geometry(backbone.arch)["conv5"][0]
         assert stride == 16, f"conv5 stride is {stride}, Fast R-CNN's spatial scale assumes 16"
         self.backbone = backbone
         self.roi_pool = RoIPool((6, 6), spatial_scale=1.0 / stride)  # P3
@@ -58,9 +58,9 @@ class FastRCNN(nn.Module):
     def head(self, conv5: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rois``: (R, 5) rows ``(batch index, x1, y1, x2, y2)`` in input pixels (0-based)."""
         x = torch.flatten(self.roi_pool(conv5, rois), 1)
-        net, caffe = self.backbone, self.backbone.layout == "caffenet"
-        for fc in (net.fc6, net.fc7):  # the layout's own order: Caffe drops after ReLU, torchvision before fc
-            x = net.drop(F.relu(fc(x))) if caffe else F.relu(fc(net.drop(x)))
+        net, before = self.backbone, self.backbone.arch.dropout_before_fc
+        for fc in (net.fc6, net.fc7):  # the member's own order: Caffe drops after ReLU, torchvision before fc
+            x = F.relu(fc(net.drop(x))) if before else net.drop(F.relu(fc(x)))
         return self.cls_score(x), self.bbox_pred(x)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
