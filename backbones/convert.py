@@ -10,10 +10,13 @@ descriptor declared in Python, Torch7 through ``torchfile``, Caffe2 pickles thro
 that admits numpy arrays only, PyTorch files through ``runtime.safe_load``), then mapped onto the
 AlexNet family (``backbones.alexnet.AlexNetArch``):
 
-* the five convolutions and fc6/fc7 (and an fc8, kept as the checkpoint's head) in execution
-  order; each conv's width, kernel, stride, padding and groups from the source (PyTorch files
-  store no geometry: AlexNet's conventional 11x11/4 pad 2, 5x5 pad 2, 3x3 pad 1 is assumed, which
-  DeepCluster, RotNet, VISSL and torchvision share);
+* the five convolutions and fc6/fc7 (and an fc8 with ``--keep-head``) in execution order, fc
+  layers written as convolutions (6x6 then 1x1) included; each conv's width, kernel, stride,
+  padding and groups from the source (PyTorch files and Caffe2 pickles store no geometry:
+  AlexNet's conventional 11x11/4 pad 2, 5x5 pad 2, 3x3 pad 1 is assumed, which DeepCluster,
+  RotNet, VISSL, torchvision and FAIR's Caffe2 AlexNets share);
+* Torch7's old Dropout (no ``v2`` flag), which scales by (1 - p) at test time, folded into the
+  next layer's weights;
 * LRN (size, alpha, beta, k; before or after pooling) and the pooling's rounding (Caffe rounds up,
   Torch7 per layer, PyTorch down) from the source's own layers;
 * BatchNorm (and Caffe's Scale) folded into the conv/fc before it: the written network is plain;
@@ -222,6 +225,7 @@ class _Affine:
     layer: SourceLayer
     norms: list[SourceLayer] = dataclasses.field(default_factory=list)  # bn / scale after it
     after: list[SourceLayer] = dataclasses.field(default_factory=list)  # lrn / pool after it
+    input_scale: float = 1.0  # old Torch7 Dropout multiplies its output by (1 - p) at test time
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -276,6 +280,7 @@ def _collect(net: SourceNet, discard: Sequence[str]) -> tuple[list[_Affine], lis
     affine: list[_Affine] = []
     frontend: list[SourceLayer] = []
     discarded: list[str] = []
+    pending_scale = 1.0
     for layer in net.layers:
         if _matches(layer.name, discard):
             if layer.blobs:
@@ -284,7 +289,10 @@ def _collect(net: SourceNet, discard: Sequence[str]) -> tuple[list[_Affine], lis
         if "sobel" in layer.name.lower() and layer.kind == "conv":
             frontend.append(layer)
         elif layer.kind in ("conv", "fc"):
-            affine.append(_Affine(layer))
+            affine.append(_Affine(layer, input_scale=pending_scale))
+            pending_scale = 1.0
+        elif layer.kind == "dropout" and layer.params.get("scale_at_test"):
+            pending_scale *= 1.0 - float(layer.params.get("ratio", 0.5))
         elif layer.kind in ("bn", "scale"):
             if not affine:
                 raise CheckpointError(net.path, f"layer {layer.name}: a {layer.kind} layer before any conv")
@@ -343,6 +351,11 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
                allow_missing: Sequence[str] = (), keep_head: bool = False) -> tuple[AlexNet, list[dict], dict]:
     """The plain AlexNet holding ``net``'s weights, the load report and a summary."""
     affine, frontend, discarded = _collect(net, discard)
+    for extra in affine[5:]:  # fc6/fc7 written as convolutions (6x6 then 1x1, e.g. Caffe2 colorization)
+        if extra.layer.kind == "conv":
+            weight = extra.layer.blobs[0]
+            extra.layer = dataclasses.replace(extra.layer, kind="fc", blobs=[weight.reshape(weight.shape[0], -1)]
+                                              + list(extra.layer.blobs[1:]), params={"out": int(weight.shape[0])})
     convs = [a for a in affine if a.layer.kind == "conv"]
     fcs = [a for a in affine if a.layer.kind == "fc"]
     if len(convs) != 5 or affine[:5] != convs:
@@ -372,10 +385,12 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
         if weight.ndim != 4:
             raise CheckpointError(net.path, f"layer {layer.name}: weight of shape {weight.shape}, expected 4-d")
         out, cin_g, kh, kw = weight.shape
-        if kh != kw or tuple(p.get("stride", (1, 1)))[0] != tuple(p.get("stride", (1, 1)))[-1] \
-                or tuple(p.get("pad", (0, 0)))[0] != tuple(p.get("pad", (0, 0)))[-1]:
+        if p.get("stride") is None or p.get("pad") is None:  # Caffe2 pickles store no geometry
+            stride, pad = _TORCH_CONV_GEOMETRY.get(int(kh), (1, (int(kh) - 1) // 2))
+            p = {**p, "stride": (stride, stride), "pad": (pad, pad), "dilation": (1, 1)}
+        if kh != kw or tuple(p["stride"])[0] != tuple(p["stride"])[-1] or tuple(p["pad"])[0] != tuple(p["pad"])[-1]:
             raise CheckpointError(net.path, f"layer {layer.name}: non-square kernel, stride or padding")
-        if tuple(p.get("dilation", (1, 1))) != (1, 1):
+        if tuple(p.get("dilation") or (1, 1)) != (1, 1):
             raise CheckpointError(net.path, f"layer {layer.name}: dilated convolutions are not in the family")
         if cin % cin_g:
             raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} does not divide the "
@@ -387,12 +402,11 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
         if out != p.get("out", out):
             raise CheckpointError(net.path, f"layer {layer.name}: num_output {p['out']} but weight {_shape(weight)}")
         bias = layer.blobs[1] if len(layer.blobs) > 1 else np.zeros(out, np.float32)
-        w, b, how = _fold(weight, bias, conv.norms, net.path)
+        w, b, how = _fold(weight * conv.input_scale, bias, conv.norms, net.path)
         mapping.put(f"conv{i}.weight", w, f"{layer.name}/0 ({_shape(weight)})", how)
         mapping.put(f"conv{i}.bias", b, f"{layer.name}/1 ({_shape(bias)})" if len(layer.blobs) > 1
                     else f"{layer.name} (no bias term: zero)", how)
-        conv_specs.append((int(out), int(kh), int(tuple(p.get("stride", (1, 1)))[0]),
-                           int(tuple(p.get("pad", (0, 0)))[0]), int(groups)))
+        conv_specs.append((int(out), int(kh), int(p["stride"][0]), int(p["pad"][0]), int(groups)))
         cin = int(out)
     widths = []
     for name, fc in named_fcs:
@@ -403,7 +417,9 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
             raise CheckpointError(net.path, f"layer {layer.name} ({name}): weight {_shape(weight)} takes "
                                             f"{weight.shape[1]} inputs, expected {expected_in}")
         bias = layer.blobs[1] if len(layer.blobs) > 1 else np.zeros(weight.shape[0], np.float32)
-        w, b, how = _fold(weight, bias, fc.norms, net.path)
+        w, b, how = _fold(weight * fc.input_scale, bias, fc.norms, net.path)
+        if fc.input_scale != 1.0:
+            how += f", x{fc.input_scale:g} (Torch7 test-time dropout scaling before it)"
         mapping.put(f"{name}.weight", w, f"{layer.name}/0 ({_shape(layer.blobs[0])})", how)
         mapping.put(f"{name}.bias", b, f"{layer.name}/1 ({_shape(bias)})" if len(layer.blobs) > 1
                     else f"{layer.name} (no bias term: zero)", how)

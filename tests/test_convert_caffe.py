@@ -1,0 +1,351 @@
+"""Caffe releases through the exact command lines users run: ``backbones.convert`` then
+``backbones.features --no-resize``, compared with an independent forward that follows Caffe's
+semantics (BGR 0-255 minus the mean image's centre crop, grouped convolutions, cross-channel LRN
+with k and alpha/size, max pooling that rounds up, CxHxW flattening into fc6), written here with
+loops rather than with the model code under test. The files are binary caffemodels encoded by
+hand (tests/format_writers.py), so the field numbers are checked too."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backbones import convert, features
+from backbones.formats import SourceLayer
+from format_writers import write_binaryproto, write_caffemodel, write_prototxt
+
+WIDTHS = (16, 32, 24, 24, 16)
+GROUPS = (1, 2, 1, 2, 2)
+KERNELS = ((11, 4, 0), (5, 1, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1))
+FC = (64, 48, 10)
+LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0, "region": "across"}
+
+
+def caffenet_layers(seed: int, lrn_before_pool: bool) -> list[SourceLayer]:
+    """A small CaffeNet-shaped net as Caffe would list it (names as in the BVLC prototxts)."""
+    rng = np.random.default_rng(seed)
+    layers, cin, bottom = [], 3, "data"
+
+    def add(name, kind, params, blobs=(), top=None):
+        layers.append(SourceLayer(name, kind, params, [np.asarray(b, np.float32) for b in blobs],
+                                  bottoms=[bottom], tops=[top or name]))
+
+    for i, (out, (k, s, p), g) in enumerate(zip(WIDTHS, KERNELS, GROUPS), start=1):
+        fan_in = cin // g * k * k
+        weight = rng.normal(0, math.sqrt(2.0 / fan_in), (out, cin // g, k, k)) / (40.0 if i == 1 else 1.0)
+        add(f"conv{i}", "conv", {"out": out, "kernel": (k, k), "stride": (s, s), "pad": (p, p), "groups": g,
+                                 "bias": True, "dilation": (1, 1)}, [weight, rng.uniform(0, 0.1, out)])
+        bottom = f"conv{i}"
+        add(f"relu{i}", "relu", {}, top=bottom)
+        steps = []
+        if i in (1, 2):
+            steps.append(("norm", "lrn"))
+        if i in (1, 2, 5):
+            steps.insert(1 if lrn_before_pool else 0, ("pool", "pool"))
+        for what, kind in steps:
+            name = f"{what}{i}"
+            params = dict(LRN) if kind == "lrn" else {"method": "max", "kernel": (3, 3), "stride": (2, 2),
+                                                      "pad": (0, 0), "ceil": True, "global": False}
+            add(name, kind, params)
+            bottom = name
+        cin = out
+    fan_in = cin * 36
+    for j, out in enumerate(FC, start=6):
+        add(f"fc{j}", "fc", {"out": out, "bias": True, "transpose": False},
+            [rng.normal(0, math.sqrt(2.0 / fan_in), (out, fan_in)), rng.uniform(0, 0.1, out)])
+        bottom = f"fc{j}"
+        if j < 8:
+            add(f"relu{j}", "relu", {}, top=bottom)
+            add(f"drop{j}", "dropout", {"ratio": 0.5}, top=bottom)
+        fan_in = out
+    return layers
+
+
+# --- Caffe's forward, written out -------------------------------------------------------------------
+
+def caffe_lrn(x: np.ndarray, size: int, alpha: float, beta: float, k: float) -> np.ndarray:
+    squares = np.pad(x ** 2, ((size // 2, size // 2), (0, 0), (0, 0)))
+    out = np.empty_like(x)
+    for c in range(x.shape[0]):
+        out[c] = x[c] * (k + alpha / size * squares[c:c + size].sum(axis=0)) ** -beta
+    return out
+
+
+def caffe_max_pool(x: np.ndarray, kernel: int = 3, stride: int = 2) -> np.ndarray:
+    c, h, w = x.shape
+    oh, ow = (int(math.ceil((n - kernel) / stride)) + 1 for n in (h, w))  # Caffe rounds up
+    out = np.empty((c, oh, ow), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, i, j] = x[:, i * stride:min(i * stride + kernel, h), j * stride:min(j * stride + kernel, w)].max(
+                axis=(1, 2))
+    return out
+
+
+def caffe_forward(layers: list[SourceLayer], bgr: np.ndarray, mean_image: np.ndarray) -> dict[str, np.ndarray]:
+    h, w = bgr.shape[:2]
+    y0, x0 = (mean_image.shape[1] - h) // 2, (mean_image.shape[2] - w) // 2
+    x = bgr.transpose(2, 0, 1).astype(np.float64) - mean_image[:, y0:y0 + h, x0:x0 + w]
+    out = {}
+    for layer in layers:
+        p = layer.params
+        if layer.kind == "conv":
+            conv = F.conv2d(torch.from_numpy(x)[None], torch.from_numpy(layer.blobs[0].astype(np.float64)),
+                            torch.from_numpy(layer.blobs[1].astype(np.float64)), stride=p["stride"][0],
+                            padding=p["pad"][0], groups=p["groups"])
+            x = conv[0].numpy()
+        elif layer.kind == "fc":
+            x = layer.blobs[0].astype(np.float64) @ x.reshape(-1) + layer.blobs[1]
+        elif layer.kind == "relu":
+            x = np.maximum(x, 0)
+            out[layer.tops[0]] = x
+        elif layer.kind == "lrn":
+            x = caffe_lrn(x, p["size"], p["alpha"], p["beta"], p["k"])
+        elif layer.kind == "pool":
+            x = caffe_max_pool(x)
+        if layer.name == "pool5" and x.shape[1:] != (6, 6):
+            break  # fc6 only takes a 6x6 pool5 in Caffe
+    return out
+
+
+# --- the test files --------------------------------------------------------------------------------
+
+def _image(path, size, seed):
+    rng = np.random.default_rng(seed)
+    bgr = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 2.0)
+    cv2.imwrite(str(path), bgr)  # PNG: lossless, read back identically by PIL in backbones.features
+    return bgr
+
+
+def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours.reshape(ref.shape) - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A V2 caffemodel with its deploy prototxt and a 3x240x240 .binaryproto mean (CaffeNet order:
+    pooling before LRN)."""
+    root = tmp_path_factory.mktemp("caffe_release")
+    layers = caffenet_layers(seed=0, lrn_before_pool=False)
+    write_caffemodel(root / "net.caffemodel", layers)
+    write_prototxt(root / "deploy.prototxt", layers, input_dim=(1, 3, 227, 227))
+    mean = (np.random.default_rng(1).uniform(90, 130, (3, 240, 240))).astype(np.float32)
+    write_binaryproto(root / "mean.binaryproto", mean)
+    out = root / "converted.pt"
+    assert convert.main([str(root / "net.caffemodel"), "--prototxt", str(root / "deploy.prototxt"), "--mean",
+                         str(root / "mean.binaryproto"), "--discard", "fc8", "--out", str(out), "--quiet"]) == 0
+    return root, layers, mean.astype(np.float64), out
+
+
+@pytest.mark.parametrize("size, layers_checked", [(227, ("conv5", "fc7")), (231, ("conv5",))])
+def test_features_reproduce_caffe(release, tmp_path, size, layers_checked):
+    root, layers, mean, ckpt = release
+    bgr = _image(tmp_path / f"im{size}.png", size, seed=size)
+    assert features.main(["--ckpt", str(ckpt), "--image", str(tmp_path / f"im{size}.png"), "--layers",
+                          ",".join(layers_checked), "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
+    ours = np.load(tmp_path / "f.npz")
+    ref = caffe_forward(layers, bgr, mean)
+    for name in layers_checked:
+        assert _rel(ours[name], ref[name]) < 1e-3, name
+    if size == 231:  # ceil rounding matters here: floor pooling would give a 13x13 conv5... and 7x7 vs 6x6 pool5
+        assert ours["conv5"].shape == ref["conv5"].shape == (WIDTHS[4], 14, 14)
+
+
+def test_v1_caffemodel_lrn_before_pool_with_mean_values(tmp_path):
+    layers = caffenet_layers(seed=3, lrn_before_pool=True)  # BVLC AlexNet's order
+    write_caffemodel(tmp_path / "v1.caffemodel", layers, v1=True)
+    write_prototxt(tmp_path / "v1.prototxt", layers, v1=True, input_dim=(10, 3, 227, 227))
+    out = tmp_path / "v1.pt"
+    assert convert.main([str(tmp_path / "v1.caffemodel"), "--prototxt", str(tmp_path / "v1.prototxt"),
+                         "--mean-values", "104,117,123", "--keep-head", "--out", str(out), "--quiet"]) == 0
+    bgr = _image(tmp_path / "im.png", 227, seed=4)
+    assert features.main(["--ckpt", str(out), "--image", str(tmp_path / "im.png"), "--layers", "conv5,fc7",
+                          "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
+    mean = np.broadcast_to(np.array([104.0, 117.0, 123.0]).reshape(3, 1, 1), (3, 227, 227))
+    ref = caffe_forward(layers, bgr, mean)
+    ours = np.load(tmp_path / "f.npz")
+    assert _rel(ours["conv5"], ref["conv5"]) < 1e-3 and _rel(ours["fc7"], ref["fc7"]) < 1e-3
+    from backbones.checkpoint import read_checkpoint
+    arch = read_checkpoint(out).arch
+    assert arch.layout == "custom" and arch.lrn_before_pool and arch.ceil_pool and arch.num_classes == FC[2]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_caffe_conversion_errors_are_one_line(release, tmp_path, capsys):
+    root, layers, _, _ = release
+    cut = tmp_path / "cut.caffemodel"
+    cut.write_bytes((root / "net.caffemodel").read_bytes()[:5000])
+    assert convert.main([str(cut), "--prototxt", str(root / "deploy.prototxt"), "--input", "caffe",
+                         "--out", str(tmp_path / "x.pt")]) == 2
+    assert str(cut) in _one_line_error(capsys)
+    wrong = [SourceLayer(l.name, l.kind, {**l.params, "out": 20} if l.name == "conv3" else l.params, l.blobs,
+                         bottoms=l.bottoms, tops=l.tops) for l in layers]
+    write_prototxt(tmp_path / "wrong.prototxt", wrong)
+    assert convert.main([str(root / "net.caffemodel"), "--prototxt", str(tmp_path / "wrong.prototxt"),
+                         "--input", "caffe", "--discard", "fc8", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "conv3" in _one_line_error(capsys)
+    assert convert.main([str(root / "net.caffemodel"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--mean" in _one_line_error(capsys)  # a Caffe network's mean must be stated
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["voc07_cls", "voc07_det", "voc12_seg", "in1k_linear"])
+def test_converted_caffe_checkpoint_runs_every_task(release, tiny, tmp_path, task):
+    from evals.run import main as run_main
+    from results import store
+
+    _, _, _, ckpt = release
+    sets = {"voc07_cls": ["iterations=2", "test_views=1"], "voc07_det": ["iterations=2"],
+            "voc12_seg": ["stage1_iterations=1", "stage2_iterations=1"], "in1k_linear": ["iterations=2"]}[task]
+    args = ["--task", task, "--preset", "demo", "--ckpt", str(ckpt), "--data-root", str(tiny), "--workers", "0",
+            "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
+    for item in sets:
+        args += ["--set", item]
+    assert run_main(args) == 0
+    (record,) = store.load_records(tmp_path / "results")
+    assert record["checkpoint"]["meta"]["source_format"] == "caffe"
+
+
+# --- Torch7 and Caffe2 releases: the same check against their frameworks' semantics ----------------
+
+def framework_forward(layers: list[SourceLayer], x: np.ndarray, pools_after=None) -> dict[str, np.ndarray]:
+    """A layer list run as Torch7 (floor/ceil pooling per layer, old Dropout scaling by 1 - p at
+    test time, BatchNorm with running statistics) or Caffe2 would: ``x`` is the preprocessed input
+    ``C x H x W``. ``pools_after``: conv names followed by a 3x3/2 floor max pool (Caffe2 pickles
+    hold no pooling layers). Returns the rectified output of every conv/fc, by layer name."""
+    out, last = {}, None
+    for layer in layers:
+        p = layer.params
+        if layer.kind == "conv":
+            k = p["kernel"][0]
+            stride, pad = (p["stride"][0], p["pad"][0]) if p.get("stride") else {11: (4, 2), 5: (1, 2), 3: (1, 1)}[k]
+            x = F.conv2d(torch.from_numpy(x)[None], torch.from_numpy(layer.blobs[0].astype(np.float64)),
+                         torch.from_numpy(layer.blobs[1].astype(np.float64)), stride=stride, padding=pad,
+                         groups=p["groups"])[0].numpy()
+            last = layer.name
+        elif layer.kind == "fc":
+            x = layer.blobs[0].astype(np.float64) @ x.reshape(-1) + layer.blobs[1]
+            last = layer.name
+        elif layer.kind == "bn":
+            mean, var = layer.blobs[0], layer.blobs[1]
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            x = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + p.get("eps", 1e-5))
+            if p.get("affine"):
+                x = x * layer.blobs[2].reshape(shape) + layer.blobs[3].reshape(shape)
+        elif layer.kind == "relu":
+            x = np.maximum(x, 0)
+            out[last] = x
+            if pools_after and last in pools_after:
+                x = F.max_pool2d(torch.from_numpy(x)[None], 3, 2)[0].numpy()
+        elif layer.kind == "lrn":
+            x = caffe_lrn(x, p["size"], p["alpha"], p["beta"], p["k"])
+        elif layer.kind == "pool":
+            x = F.max_pool2d(torch.from_numpy(x)[None], 3, 2, ceil_mode=p["ceil"])[0].numpy()
+        elif layer.kind == "dropout" and p.get("scale_at_test"):
+            x = x * (1.0 - p["ratio"])
+        elif layer.kind == "flatten":
+            x = x.reshape(-1)
+    return out
+
+
+def _canonical(path) -> tuple[np.ndarray, np.ndarray]:
+    """The image as backbones.features feeds it (ImageNet-normalised RGB), and that array."""
+    from backbones.inputs import load_input
+    x = load_input(path, None).double().numpy()
+    return x, x
+
+
+def torch7_layers(seed: int) -> list[SourceLayer]:
+    """caffenet_layers as Torch7's nn would hold it: floor pooling, a View before fc6, the old
+    Dropout (scales by 1 - p at test time), a BatchNormalization after fc6."""
+    layers = []
+    rng = np.random.default_rng(seed + 10)
+    for layer in caffenet_layers(seed, lrn_before_pool=True):
+        if layer.kind == "pool":
+            layer.params = {**layer.params, "ceil": False}
+        if layer.name == "fc6":
+            layers.append(SourceLayer("view", "flatten", {"size": [-1, WIDTHS[4] * 36]}, []))
+        if layer.kind == "dropout":
+            layer.params = {**layer.params, "scale_at_test": True}
+        layers.append(layer)
+        if layer.name == "fc6":
+            layers.append(SourceLayer("bn6", "bn", {"eps": 1e-5, "affine": True}, [
+                rng.normal(0, 0.1, FC[0]).astype(np.float32), rng.uniform(0.5, 1.5, FC[0]).astype(np.float32),
+                rng.uniform(0.5, 1.5, FC[0]).astype(np.float32), rng.normal(0, 0.1, FC[0]).astype(np.float32)]))
+    return layers
+
+
+def test_torch7_release_converts_exactly(tmp_path):
+    from format_writers import t7_module, t7_sequential, write_t7
+    layers = torch7_layers(seed=5)
+    write_t7(tmp_path / "model.t7", t7_sequential([t7_module(l) for l in layers]))
+    out = tmp_path / "t7.pt"
+    assert convert.main([str(tmp_path / "model.t7"), "--input", "imagenet", "--discard", "24", "--out", str(out),
+                         "--quiet"]) == 0
+    _image(tmp_path / "im.png", 227, seed=6)
+    assert features.main(["--ckpt", str(out), "--image", str(tmp_path / "im.png"), "--layers", "conv5,fc7",
+                          "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
+    x, _ = _canonical(tmp_path / "im.png")
+    ref = framework_forward(layers, x)
+    ours = np.load(tmp_path / "f.npz")
+    assert _rel(ours["conv5"], ref["conv5"]) < 1e-3 and _rel(ours["fc7"], ref["fc7"]) < 1e-3
+
+
+def test_caffe2_release_converts_exactly(tmp_path):
+    from format_writers import caffe2_blobs, write_caffe2_pickle
+    rng = np.random.default_rng(7)
+    layers = []
+    cin = 3
+    for i, (out, (k, _, _), g) in enumerate(zip(WIDTHS, KERNELS, GROUPS), start=1):
+        layers.append(SourceLayer(f"conv{i}_s0", "conv", {"out": out, "kernel": (k, k), "groups": g, "bias": True},
+                                  [rng.normal(0, math.sqrt(2 / (cin // g * k * k)), (out, cin // g, k, k)).astype(
+                                      np.float32), rng.uniform(0, 0.1, out).astype(np.float32)]))
+        layers.append(SourceLayer(f"conv{i}_s0_bn", "bn", {"eps": 1.0000001e-5, "affine": True}, [
+            rng.normal(0, 0.1, out).astype(np.float32), rng.uniform(0.5, 1.5, out).astype(np.float32),
+            rng.uniform(0.5, 1.5, out).astype(np.float32), rng.normal(0, 0.1, out).astype(np.float32)]))
+        layers.append(SourceLayer(f"relu{i}", "relu", {}, []))
+        cin = out
+    fan = cin * 36
+    for name, out in (("fc6", FC[0]), ("fc7_s0", FC[1])):
+        layers.append(SourceLayer(name, "fc", {"out": out, "bias": True}, [
+            rng.normal(0, math.sqrt(2 / fan), (out, fan)).astype(np.float32),
+            rng.uniform(0, 0.1, out).astype(np.float32)]))
+        layers.append(SourceLayer(name + "_relu", "relu", {}, []))
+        fan = out
+    write_caffe2_pickle(tmp_path / "jigsaw.pkl", caffe2_blobs([l for l in layers if l.kind != "relu"]))
+    out = tmp_path / "c2.pt"
+    assert convert.main([str(tmp_path / "jigsaw.pkl"), "--input", "imagenet", "--out", str(out), "--quiet"]) == 0
+    _image(tmp_path / "im.png", 224, seed=8)
+    assert features.main(["--ckpt", str(out), "--image", str(tmp_path / "im.png"), "--layers", "conv5,fc7",
+                          "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
+    x, _ = _canonical(tmp_path / "im.png")
+    ref = framework_forward(layers, x, pools_after={"conv1_s0", "conv2_s0", "conv5_s0"})
+    ours = np.load(tmp_path / "f.npz")
+    assert _rel(ours["conv5"], ref["conv5_s0"]) < 1e-3 and _rel(ours["fc7"], ref["fc7_s0"]) < 1e-3
+
+
+def test_caffe_hdf5_release_needs_and_uses_its_prototxt(tmp_path, capsys):
+    from format_writers import write_caffe_h5
+    layers = caffenet_layers(seed=9, lrn_before_pool=True)  # Larsson et al.: LRN before pooling
+    write_caffe_h5(tmp_path / "net.caffemodel.h5", layers)
+    write_prototxt(tmp_path / "deploy.prototxt", layers)
+    out = tmp_path / "h5.pt"
+    assert convert.main([str(tmp_path / "net.caffemodel.h5"), "--input", "caffe", "--out", str(out)]) == 2
+    assert "prototxt" in _one_line_error(capsys)
+    assert convert.main([str(tmp_path / "net.caffemodel.h5"), "--prototxt", str(tmp_path / "deploy.prototxt"),
+                         "--input", "caffe", "--discard", "fc8", "--out", str(out), "--quiet"]) == 0
+    bgr = _image(tmp_path / "im.png", 227, seed=10)
+    assert features.main(["--ckpt", str(out), "--image", str(tmp_path / "im.png"), "--layers", "conv5",
+                          "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
+    mean = np.broadcast_to(np.array([104.0, 117.0, 123.0]).reshape(3, 1, 1), (3, 227, 227))
+    assert _rel(np.load(tmp_path / "f.npz")["conv5"], caffe_forward(layers, bgr, mean)["conv5"]) < 1e-3
