@@ -1,17 +1,19 @@
 """Samples/s per loader worker of every training and test pipeline: ours beside the baseline.
 
 For each pipeline, one worker's cost of a sample (``num_workers=0``: the dataset's ``__getitem__``
-through the real transform, torch at one thread as in a DataLoader worker) for
+through the real transform, torch at one thread as in a DataLoader worker, and for the pipelines
+of WORKER_BATCH the batch's collation into shared memory as a worker does it) for
 
-* ours: the project's dataset + transform, exactly as the harness builds them;
+* ours: the project's dataset + transform, exactly as the harness builds them (voc07_cls and
+  in1k_linear hand uint8 views to the training step, which normalises the batch on its device);
 * baseline: what a user would write: ImageFolder-style PIL decode (``Image.open(...).convert("RGB")``)
   and torchvision.transforms doing the same augmentation (same geometry draws).
 
 Files are generated realistically: JPEGs of 500x375 or 375x500 (VOC's and ImageNet's typical
 size) at quality 90 cut from scikit-image's bundled photographs, in the real folder layouts,
 KITTI 16-bit flow PNGs beside the frames for pretraining. Ours and the baseline are timed
-interleaved, repetition after repetition, and the medians reported, because a shared machine's
-speed drifts.
+side by side in alternating chunks of a few samples, pass after pass, and the medians reported,
+because a shared machine's speed drifts within seconds.
 
 Usage: .venv/bin/python benchmarks/bench_loaders.py [--json] [--images 200] [--reps 5] [--size 500x375]
 """
@@ -30,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torchvision.transforms as T  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
 from backbones.alexnet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from evals.common import center_crop, random_crop_mirror, random_scaled_view, resize_shorter  # noqa: E402
+from evals.common import (center_crop, collate_views, random_crop_mirror, random_scaled_view,  # noqa: E402
+                          resize_shorter, stack_views)
 from evals.datasets.imagenet import ImageNetDataset  # noqa: E402
 from evals.datasets.voc import (VOC_CLASSES, VOCAnnotation, VOCClassificationDataset, VOCObject,  # noqa: E402
                                 VOCSegmentationDataset, write_segmentation_mask)
@@ -224,11 +228,13 @@ def pipelines(root: Path, count: int, size: tuple[int, int]) -> dict:
     pairs = make_flow_pairs(root, max(16, count // 4), rng, sources, size)
 
     cls = VOCClassificationDataset(voc, "trainval")
-    cls_train = Augmented(cls, lambda s, r: (random_scaled_view(s[0], r, CROP, SCALE_RANGE), s[1]), 0)
+    # as evals.voc07_cls: uint8 views, normalised per batch on the training step's device
+    cls_train = Augmented(cls, lambda s, r: (random_scaled_view(s[0], r, CROP, SCALE_RANGE, normalise=False), s[1]), 0)
 
     def cls_test(i):
         image, _ = cls[i]
-        return torch.stack([random_scaled_view(image, sample_rng(1, v, i), CROP, SCALE_RANGE) for v in range(TEST_VIEWS)])
+        return stack_views([random_scaled_view(image, sample_rng(1, v, i), CROP, SCALE_RANGE, normalise=False)
+                            for v in range(TEST_VIEWS)])
 
     def cls_test_baseline(i):
         image = pil_loader(cls.paths[i])
@@ -236,8 +242,11 @@ def pipelines(root: Path, count: int, size: tuple[int, int]) -> dict:
 
     in1k_train = ImageNetDataset(imagenet, "train")
     in1k_test = ImageNetDataset(imagenet, "val")
-    ours_in1k_train = Augmented(in1k_train, lambda s, r: (random_crop_mirror(resize_shorter(s[0], RESIZE), r, CROP), s[1]), 0)
-    ours_in1k_test = Augmented(in1k_test, lambda s, r: (center_crop(resize_shorter(s[0], RESIZE), CROP), s[1]), 0)
+    # as evals.in1k_linear: uint8 crops, normalised per batch on the device
+    ours_in1k_train = Augmented(in1k_train, lambda s, r: (random_crop_mirror(resize_shorter(s[0], RESIZE), r, CROP,
+                                                                             normalise=False), s[1]), 0)
+    ours_in1k_test = Augmented(in1k_test, lambda s, r: (center_crop(resize_shorter(s[0], RESIZE), CROP, normalise=False),
+                                                        s[1]), 0)
 
     annotations = {i: VOCAnnotation(i, 500, 375, [VOCObject("dog", (50, 40, 300, 260), False, False)]) for i in ids}
     boxes = {i: np.sort(np.random.default_rng(7).integers(1, 370, (300, 4)), axis=1)[:, [0, 1, 2, 3]] for i in ids}
@@ -267,30 +276,61 @@ def pipelines(root: Path, count: int, size: tuple[int, int]) -> dict:
     }
 
 
-def samples_per_s(fn, count: int) -> float:
-    start = time.perf_counter()
-    for i in range(count):
-        fn(i)
-    return count / (time.perf_counter() - start)
+CHUNK = 4  # samples timed in a row before switching sides (unbatched pipelines)
+# Pipelines whose harness loads batches in DataLoader workers: each side's batch is collated as a
+# worker does it, into shared memory (part of a worker's cost): ours with the harness's collate
+# (evals.common.collate_views), the baseline with torch's default collate.
+WORKER_BATCH = {"voc07_cls_train": 16, "in1k_linear_train": 64, "in1k_linear_test": 64}  # P2, P5
+
+
+def worker_collate(samples: list):
+    """``default_collate`` as a DataLoader worker runs it: tensors are stacked straight into a
+    new shared-memory block (what the worker sends to the main process)."""
+    first = samples[0]
+    if isinstance(first, (tuple, list)):
+        return [worker_collate(list(items)) for items in zip(*samples)]
+    if isinstance(first, torch.Tensor):
+        storage = first._typed_storage()._new_shared(first.numel() * len(samples), device=first.device)
+        return torch.stack(samples, 0, out=first.new(storage).resize_(len(samples), *first.shape))
+    return default_collate(samples)
+
+
+def paired_rates(ours, base, count: int, batch: int | None = None) -> tuple[float, float]:
+    """Samples/s of ``ours`` and ``base`` over samples 0..count-1, timed in alternating chunks
+    (``batch`` samples collated as in a worker, see WORKER_BATCH, else CHUNK samples; which side
+    goes first alternates too), so that a shared machine's load, which drifts within seconds,
+    falls on both sides alike."""
+    seconds = {"ours": 0.0, "baseline": 0.0}
+    collate = {"ours": lambda samples: collate_views(samples, shared=True), "baseline": worker_collate}
+    step = batch or CHUNK
+    for turn, start in enumerate(range(0, count, step)):
+        indices = range(start, min(start + step, count))
+        sides = (("ours", ours), ("baseline", base)) if turn % 2 == 0 else (("baseline", base), ("ours", ours))
+        for key, fn in sides:
+            tick = time.perf_counter()
+            samples = [fn(i) for i in indices]
+            if batch:
+                collate[key](samples)
+            seconds[key] += time.perf_counter() - tick
+    return count / seconds["ours"], count / seconds["baseline"]
 
 
 def measure(pipes: dict, reps: int, only: list[str] | None = None) -> dict:
-    """Median samples/s of ours and the baseline per pipeline, timed interleaved (the order
-    alternates every repetition so neither always runs first)."""
-    rates = {name: {"ours": [], "baseline": []} for name in pipes if not only or name in only}
+    """Median samples/s of ours and the baseline per pipeline over ``reps`` passes, each pass
+    timing the two side by side (:func:`paired_rates`); the ratio is the median of the passes'
+    ratios."""
+    rates = {name: {"ours": [], "baseline": [], "ratio": []} for name in pipes if not only or name in only}
     for name in rates:  # warm-up: imports, caches, allocator
         pipes[name][0](0), pipes[name][1](0)
-    for rep in range(reps):
+    for _ in range(reps):
         for name in rates:
             ours, base, n = pipes[name]
-            order = (("ours", ours), ("baseline", base)) if rep % 2 == 0 else (("baseline", base), ("ours", ours))
-            for key, fn in order:
-                rates[name][key].append(samples_per_s(fn, n))
-    result = {}
-    for name, r in rates.items():
-        ours, base = statistics.median(r["ours"]), statistics.median(r["baseline"])
-        result[name] = {"ours": round(ours, 2), "baseline": round(base, 2), "ratio": round(ours / base, 3)}
-    return result
+            a, b = paired_rates(ours, base, n, WORKER_BATCH.get(name))
+            rates[name]["ours"].append(a)
+            rates[name]["baseline"].append(b)
+            rates[name]["ratio"].append(a / b)
+    return {name: {"ours": round(statistics.median(r["ours"]), 2), "baseline": round(statistics.median(r["baseline"]), 2),
+                   "ratio": round(statistics.median(r["ratio"]), 3)} for name, r in rates.items()}
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,10 @@ On one CUDA GPU, within ``--budget-s`` (default 420 s, so the call fits 8 minute
 3. step throughput (steps/s, images/s) of each, fp32 and bf16;
 4. the fraction of step time spent waiting for data: a DataLoader with ``--workers`` workers over
    generated files through the real pipeline (benchmarks/bench_loaders.py) feeding the bf16 step;
-5. whether the harnesses offer ``channels_last`` / AMP options yet (someone else's work: skipped,
-   and said so, when absent).
+5. whether the harnesses offer the ``channels_last`` / ``amp`` options (skipped, and said so, when absent);
+6. ``decode_device=cuda``: the batch's JPEGs decoded with nvJPEG and their windows resampled on the
+   GPU (``evals.common.decode_views``), images/s against the CPU path on one core, and how far the
+   views are from the CPU path's (mean absolute difference, grey levels).
 
 Everything is generated here; nothing is downloaded. Without CUDA it prints the plan and exits 0.
 ``--write-rates`` stores the measured bf16 step rates in benchmarks/step_rates.json (source GPU),
@@ -32,7 +34,7 @@ from benchmarks.harness_steps import STEPS  # noqa: E402
 
 PIPELINE_OF = {"pretrain": "pretrain_pairs", "voc07_cls": "voc07_cls_train", "voc07_det": "voc07_det_train",
                "voc12_seg": "voc12_seg_train", "in1k_linear": "in1k_linear_train"}
-HARNESS_OPTIONS = ("channels_last", "amp")
+HARNESS_OPTIONS = ("channels_last", "amp", "decode_device")
 
 
 def plan(args) -> list[str]:
@@ -43,6 +45,8 @@ def plan(args) -> list[str]:
         f"4. data wait: DataLoader, {args.workers} workers, generated JPEGs through the real pipelines "
         f"({', '.join(PIPELINE_OF.values())}), fraction of step time waiting",
         f"5. harness options {', '.join(HARNESS_OPTIONS)}: used if the harness configs have them, else skipped",
+        "6. decode_device=cuda: nvJPEG batch decode + window resampling on the GPU (voc07_cls train views, "
+        "in1k_linear centre crops) vs the CPU path: images/s and mean |difference| in grey levels",
         f"budget {args.budget_s:.0f} s" + ("; then write bf16 step rates to benchmarks/step_rates.json"
                                           if args.write_rates else ""),
     ]
@@ -124,6 +128,43 @@ def data_wait(task: str, pipes: dict, device, workers: int, steps: int) -> float
     return waited / total
 
 
+def gpu_decode(root: Path, device, count: int = 64) -> list[str]:
+    """decode_device=cuda against the CPU path on the generated files: rows of text."""
+    from evals.common import center_crop, decode_views, random_scaled_view, resize_shorter, stack_views
+    from evals.datasets.imagenet import ImageNetDataset
+    from evals.datasets.voc import VOCClassificationDataset
+    from runtime.data import sample_rng
+
+    voc = VOCClassificationDataset(root / "VOCdevkit" / "VOC2007", "trainval")
+    imagenet = ImageNetDataset(root / "imagenet", "val")
+    pipelines = {
+        "voc07_cls train views": lambda i, where: random_scaled_view(
+            voc[i][0], sample_rng(0, 0, i), 227, (0.5, 2.0), normalise=False, decode_device=where),
+        "in1k_linear centre crops": lambda i, where: center_crop(
+            resize_shorter(imagenet[i][0], 256), 227, normalise=False, decode_device=where),
+    }
+    rows = []
+    for name, view in pipelines.items():
+        n = min(count, len(voc) if name.startswith("voc") else len(imagenet))
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        cpu = torch.stack([view(i, "cpu") for i in range(n)])
+        cpu_rate = n / (time.perf_counter() - start)
+        torch.set_num_threads(os.cpu_count() or 1)
+        deferred = stack_views([view(i, "cuda") for i in range(n)])  # the workers' part: read, draw
+        decode_views(deferred, device)  # warm-up (nvJPEG handles)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        gpu = decode_views(deferred, device)
+        torch.cuda.synchronize()
+        gpu_rate = n / (time.perf_counter() - start)
+        diff = float((gpu.cpu().float() - cpu.float()).abs().mean())
+        rows.append(f"  {name}: GPU {gpu_rate:8.0f} img/s (decode + resample, batch {n}), CPU path "
+                    f"{cpu_rate:6.0f} img/s per core; mean |GPU - CPU| {diff:.2f} grey levels "
+                    f"{'ok' if diff < 2.0 else 'DISAGREE'}")
+    return rows
+
+
 def harness_options() -> dict[str, list[str]]:
     import importlib
 
@@ -171,12 +212,15 @@ def main(argv=None) -> int:
             rates[task] = s16
             rows.append((task, f"{agree:9.2e} {s32:9.2f} {s16:9.2f} {s16 * batch:10.0f} {100 * wait:8.1f}%"))
             print(f"  {task}: first-step losses fp32 {a} bf16 {b}", flush=True)
+        decode_rows = ["  skipped: budget spent"] if time.monotonic() > deadline else gpu_decode(Path(tmp), device)
     print(f"\n{'task':12s} {'bf16 diff':>9s} {'fp32 st/s':>9s} {'bf16 st/s':>9s} {'bf16 img/s':>10s} {'data wait':>9s}")
     for task, text in rows:
         print(f"{task:12s} {text}")
+    print("\ndecode_device=cuda (nvJPEG):")
+    print("\n".join(decode_rows))
     for task, options in harness_options().items():
         missing = [o for o in HARNESS_OPTIONS if o not in options]
-        print(f"{task}: options {options or 'none'}" + (f"; skipped (not in the harness yet): {missing}" if missing else ""))
+        print(f"{task}: options {options or 'none'}" + (f"; not offered: {missing}" if missing else ""))
     if args.write_rates and rates:
         import json
 

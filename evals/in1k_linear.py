@@ -24,7 +24,7 @@ from tqdm import tqdm
 from backbones.alexnet import PROBE_VALUES, probe_pool_sizes
 from backbones.checkpoint import fingerprint
 from evals import metrics
-from evals.common import CommonConfig, center_crop, random_crop_mirror, resize_shorter
+from evals.common import CommonConfig, Execution, center_crop, collate_views, random_crop_mirror, resize_shorter
 from evals.datasets.imagenet import OFFICIAL_COUNTS, ImageNetDataset
 from evals.datasets.preflight import preflight_datasets
 from evals.run import run_task
@@ -54,6 +54,9 @@ class Config(CommonConfig):
     train_split: str = protocol("train", "P5")
     test_split: str = protocol("val", "P5")
     checkpoint_every: int = operational(5_000)
+    decode_device: str = operational("cpu", "where the JPEGs are decoded: cpu (the loader workers) or cuda (nvJPEG "
+                                            "on the GPU, a batch of file bytes per step; the workers only draw "
+                                            "the windows)")
 
 
 PRESETS = {
@@ -130,7 +133,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     train_set, test_set = data.train, data.test
     info, device, loaded = begun.info, begun.device, begun.loaded
     num_classes = len(train_set.classes)
-    backbone = loaded.model.to(device).eval()
+    execution = Execution.of(config, device)
+    backbone = execution.model(loaded.model).eval()
     for param in backbone.parameters():
         param.requires_grad = False
     frozen_fp = fingerprint(backbone.state_dict())
@@ -148,25 +152,28 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     scheduler = multistep_lr(optimizer, config.lr_milestones, config.lr_gamma)
     trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every, info=info,
-                             description=TASK, identity=begun.identity)
+                             description=TASK, identity=begun.identity, amp_dtype=execution.amp_dtype,
+                             scaler=execution.scaler())
     if config.resume:
         trainer.resume()  # prints where it resumed
 
     def transform(sample, rng):
         image, target = sample
-        return random_crop_mirror(resize_shorter(image, config.resize), rng, config.crop), target
+        # uint8 crops: normalised per batch in step_fn, on the device
+        return random_crop_mirror(resize_shorter(image, config.resize), rng, config.crop, normalise=False,
+                                  decode_device=config.decode_device), target
 
     train_data = Augmented(train_set, transform, config.seed)
     per_rank_batch = config.batch_size // info.world_size
 
-    make_loader = loader_factory(train_data, per_rank_batch, config, info)
+    make_loader = loader_factory(train_data, per_rank_batch, config, info, collate_fn=collate_views)
 
     def step_fn(batch):
         images, targets = batch
         with torch.no_grad():  # one frozen forward pass feeds all five heads
-            acts = backbone.activations(images.to(device), LAYERS)
+            acts = backbone.activations(execution.images(images), LAYERS)
         logits = net(acts)
-        losses = {k: F.cross_entropy(v, targets.to(device)) for k, v in logits.items()}
+        losses = {k: F.cross_entropy(v.float(), targets.to(device)) for k, v in logits.items()}
         return sum(losses.values()), {f"loss_{k}": v.item() for k, v in losses.items()}
 
     t0 = time.monotonic()
@@ -177,16 +184,19 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
         return {}
 
     probes.eval()
-    test_data = Augmented(test_set, lambda s, rng: (center_crop(resize_shorter(s[0], config.resize),
-                                                                       config.crop), s[1]), config.seed)
+    test_data = Augmented(test_set, lambda s, rng: (center_crop(resize_shorter(s[0], config.resize), config.crop,
+                                                                normalise=False, decode_device=config.decode_device),
+                                                    s[1]), config.seed)
     all_logits = {k: [] for k in LAYERS}
     targets = []
     with torch.no_grad():
-        for images, target in tqdm(DataLoader(test_data, batch_size=config.batch_size, num_workers=config.workers),
+        for images, target in tqdm(DataLoader(test_data, batch_size=config.batch_size, num_workers=config.workers,
+                                                    collate_fn=collate_views),
                                    desc=f"{TASK} val", unit="batch", mininterval=1.0):
-            logits = probes(backbone.activations(images.to(device), LAYERS))
+            with execution.autocast():
+                logits = probes(backbone.activations(execution.images(images), LAYERS))
             for k in LAYERS:
-                all_logits[k].append(logits[k].cpu())
+                all_logits[k].append(logits[k].float().cpu())
             targets.append(target)
     targets = torch.cat(targets)
     ks = (1, 5) if num_classes >= 5 else (1,)

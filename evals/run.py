@@ -28,12 +28,14 @@ import sys
 from pathlib import Path
 
 from evals import engine
+from evals.common import COMMON_CHOICES
 from results import store
 from results.store import RecordExistsError
 from results.tasks import TASKS as REGISTRY
 from runtime.atomic import NoSpaceError
 from runtime.config import chosen_values, config_dict, operational_fields, parse_overrides, sources, validate_config
 from runtime.errors import CheckpointError, ConfigError, DatasetError, RunError, one_line
+from runtime.precision import check_decode_device
 
 TASKS = {name: task.module for name, task in REGISTRY.items()}
 PAPER_PRESET = "paper"
@@ -121,6 +123,17 @@ def split_sizes(splits) -> dict[str, int]:
     return {name: len(ids) for name, ids in splits.items()}
 
 
+def check_config(harness, config) -> None:
+    """Refuse a value that cannot work before any data is read: the harness's CHECKS, the
+    choices every harness shares (evals.common.COMMON_CHOICES), and ``decode_device=cuda``
+    without a GPU."""
+    checks = dict(getattr(harness, "CHECKS", {}))
+    checks["choices"] = {**COMMON_CHOICES, **checks.get("choices", {})}
+    validate_config(config, **checks)
+    if hasattr(config, "decode_device"):
+        check_decode_device(config.decode_device)
+
+
 def run_task(task: str, config) -> dict:
     """A run's whole life, the same for every task: check the config, read the split lists (a
     ``paper`` run: are they the official sizes? see :func:`check_official_sizes`), set up
@@ -128,7 +141,7 @@ def run_task(task: str, config) -> dict:
     check the data, train and evaluate (the harness: its protocol only), and on the main rank write
     the record and print a summary. Returns the metrics (non-main ranks: {})."""
     harness = task_module(task)
-    validate_config(config, **getattr(harness, "CHECKS", {}))
+    check_config(harness, config)
     data = harness.load_data(config)
     config = check_official_sizes(task, harness, config, split_sizes(data.splits))  # before the run's identity
     begun = engine.begin_run(task, config, splits=data.splits, **harness.backbone_options(config))

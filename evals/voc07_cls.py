@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from evals import metrics
-from evals.common import CommonConfig, random_scaled_view, weight_and_bias_groups
+from evals.common import CommonConfig, Execution, collate_views, random_scaled_view, stack_views, weight_and_bias_groups
 from evals.datasets.preflight import preflight_datasets
 from evals.datasets.voc import VOC_CLASSES, VOCClassificationDataset, official_main_sizes
 from evals.run import run_task
@@ -58,6 +58,9 @@ class Config(CommonConfig):
     head_init_bias: float = protocol(0.1, "P2: bias 0.1")
     dropout: float = protocol(0.5, "P2: AlexNet's fc6/fc7 dropout")
     checkpoint_every: int = operational(2_000)
+    decode_device: str = operational("cpu", "where the JPEGs are decoded: cpu (the loader workers) or cuda (nvJPEG "
+                                            "on the GPU, a batch of file bytes per step; the workers only draw "
+                                            "the windows)")
 
 
 PRESETS = {
@@ -98,8 +101,8 @@ def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, config: Config, device) -> tuple[np.ndarray, np.ndarray]:
-    """Summed fc8 logits of ``test_views`` random views per image, and the labels."""
+def evaluate(model, dataset, config: Config, execution: Execution) -> tuple[np.ndarray, np.ndarray]:
+    """Summed fc8 logits (float32) of ``test_views`` random views per image, and the labels."""
     model.eval()
     scores = np.zeros((len(dataset), len(VOC_CLASSES)), np.float64)
     labels = np.zeros((len(dataset), len(VOC_CLASSES)), np.int64)
@@ -107,8 +110,11 @@ def evaluate(model, dataset, config: Config, device) -> tuple[np.ndarray, np.nda
     for index in tqdm(range(len(dataset)), desc="voc07_cls test", unit="img", mininterval=1.0):
         image, target = dataset[index]
         rngs = [sample_rng(view_seed, view, index) for view in range(config.test_views)]
-        views = torch.stack([random_scaled_view(image, rng, config.crop, config.scale_range) for rng in rngs])
-        scores[index] = model(views.to(device)).sum(0).double().cpu().numpy()
+        views = stack_views([random_scaled_view(image, rng, config.crop, config.scale_range, normalise=False,
+                                                decode_device=config.decode_device) for rng in rngs])
+        with execution.autocast():
+            logits = model(execution.images(views))
+        scores[index] = logits.float().sum(0).double().cpu().numpy()
         labels[index] = np.asarray(target)
     return scores, labels
 
@@ -149,7 +155,8 @@ METRIC_DEFINITIONS = {"AP": metrics.CLASSIFICATION_AP_DEFINITION,
 def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     """Fine-tune (P2) and test with summed logits of random views; the metrics (main rank)."""
     info, device, loaded = begun.info, begun.device, begun.loaded
-    model = build_model(config, loaded).to(device)
+    execution = Execution.of(config, device)
+    model = execution.model(build_model(config, loaded))
     trainable = [p for p in model.parameters() if p.requires_grad]
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     optimizer = make_optimizer(model, config)
@@ -157,28 +164,31 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every,
                              grad_clip=config.grad_clip, info=info, description=TASK, trainable=trainable,
-                             identity=begun.identity)
+                             identity=begun.identity, amp_dtype=execution.amp_dtype, scaler=execution.scaler())
     if config.resume:
         trainer.resume()  # prints where it resumed
 
     def transform(sample, rng):
         image, target = sample
-        return random_scaled_view(image, rng, config.crop, config.scale_range), torch.as_tensor(target)
+        # uint8 views: normalised per batch in step_fn, on the device
+        view = random_scaled_view(image, rng, config.crop, config.scale_range, normalise=False,
+                                  decode_device=config.decode_device)
+        return view, torch.as_tensor(target)
 
     per_rank_batch = config.batch_size // info.world_size
-    make_loader = loader_factory(Augmented(data.train, transform, config.seed), per_rank_batch,
-                                        config, info)
+    make_loader = loader_factory(Augmented(data.train, transform, config.seed), per_rank_batch, config, info,
+                                 collate_fn=collate_views)
 
     def step_fn(batch):
         images, targets = batch
-        return multilabel_loss(net(images.to(device)), targets.to(device)), {}
+        return multilabel_loss(net(execution.images(images)).float(), targets.to(device)), {}
 
     t0 = time.monotonic()
     trainer.run(make_loader, step_fn, per_rank_batch, len(data.train))
     train_seconds = time.monotonic() - t0
     if not info.is_main:
         return {}
-    scores, labels = evaluate(model, data.test, config, device)
+    scores, labels = evaluate(model, data.test, config, execution)
     per_class, mean_ap = metrics.voc_classification_ap(scores, labels)
     positive_rate = (labels == 1).sum(0) / np.maximum((labels >= 0).sum(0), 1)
     return {

@@ -30,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from evals import metrics
-from evals.common import CommonConfig, weight_and_bias_groups
+from evals.common import CommonConfig, Execution, weight_and_bias_groups
 from evals.datasets.preflight import preflight_voc_split
 from evals.datasets.voc import VOC_CLASSES, detection_annotations, official_main_sizes
 from evals.detection import model as detector
@@ -196,7 +196,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
 
     stats = regression_stats(config, train_set)
 
-    model = build_model(config, loaded).to(device)
+    execution = Execution.of(config, device)
+    model = execution.model(build_model(config, loaded))
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = weight_and_bias_groups(model, config.lr, config.weight_decay, config.bias_lr_mult,
                                     config.bias_decay_mult)
@@ -208,7 +209,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     identity = {**begun.identity, "bbox_target_stats": stats.as_dict()}  # in every training checkpoint
     trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=config.iterations,
                              work_dir=begun.work_dir, checkpoint_every=config.checkpoint_every, info=info,
-                             description=TASK, trainable=trainable, identity=identity)
+                             description=TASK, trainable=trainable, identity=identity,
+                             amp_dtype=execution.amp_dtype, scaler=execution.scaler())
     if config.resume:
         trainer.resume()  # prints where it resumed
 
@@ -222,8 +224,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     make_loader = loader_factory(train_data, per_rank_batch, config, info, collate_fn=collate_images)
 
     def step_fn(batch):
-        cls_logits, deltas = net(batch["images"].to(device), batch["rois"].to(device))
-        loss_cls, loss_bbox = detection_loss(cls_logits, deltas, batch["labels"].to(device),
+        cls_logits, deltas = net(execution.images(batch["images"]), batch["rois"].to(device))
+        loss_cls, loss_bbox = detection_loss(cls_logits.float(), deltas.float(), batch["labels"].to(device),
                                              batch["targets"].to(device))
         return loss_cls + loss_bbox, {"loss_cls": loss_cls.item(), "loss_bbox": loss_bbox.item()}
 
@@ -236,8 +238,9 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     detector.unnormalize_bbox_pred(model.bbox_pred, stats)  # once, after the last checkpoint: raw deltas
     t0 = time.monotonic()
     model.eval()
-    detections, baseline = detector.detect_images(model, voc_root, test_ids, test_boxes, config, device,
-                                                  seed=config.seed, desc=f"{TASK} test")
+    with execution.autocast():  # detect() scores and decodes boxes in float32
+        detections, baseline = detector.detect_images(model, voc_root, test_ids, test_boxes, config, device,
+                                                      seed=config.seed, desc=f"{TASK} test")
     test_seconds = time.monotonic() - t0
     devkit_dir = begun.work_dir / "devkit"
     write_devkit_results(detections, devkit_dir)

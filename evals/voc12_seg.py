@@ -27,6 +27,7 @@ without materialising 9,568 channels per pixel.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from backbones.alexnet import AlexNet, layer_geometry
 from backbones.checkpoint import fingerprint
 from backbones.hypercolumn import HypercolumnHead, layer_channels, sample_layer
 from evals import engine, metrics
-from evals.common import CommonConfig, to_tensor
+from evals.common import CommonConfig, Execution, to_tensor
 from evals.datasets.preflight import preflight_datasets
 from evals.datasets import sbd, voc
 from evals.datasets.sbd import train_aug_items, voc12_val_items
@@ -186,10 +187,13 @@ def upsample_logits(grid_logits: torch.Tensor, height: int, width: int, stride: 
 
 
 @torch.no_grad()
-def predict(model: HypercolumnSegmenter, image: torch.Tensor, config: Config) -> np.ndarray:
-    """(H, W) int64 class map of one normalised image (3, H, W) (P4's dense test)."""
-    grid = dense_grid_logits(model, image, config.test_stride, config.test_chunk, config.min_input)
-    logits = upsample_logits(grid, image.shape[-2], image.shape[-1], config.test_stride)
+def predict(model: HypercolumnSegmenter, image: torch.Tensor, config: Config,
+            execution: Execution | None = None) -> np.ndarray:
+    """(H, W) int64 class map of one normalised image (3, H, W) (P4's dense test); the network under
+    ``execution``'s autocast, the upsampling of its logits in float32."""
+    with execution.autocast() if execution else contextlib.nullcontext():
+        grid = dense_grid_logits(model, image, config.test_stride, config.test_chunk, config.min_input)
+    logits = upsample_logits(grid.float(), image.shape[-2], image.shape[-1], config.test_stride)
     return logits.argmax(0).cpu().numpy().astype(np.int64)
 
 
@@ -235,7 +239,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 # --- evaluation and pictures -------------------------------------------------------------------------
 
-def evaluate(model: HypercolumnSegmenter, dataset: VOCSegmentationDataset, config: Config, device,
+def evaluate(model: HypercolumnSegmenter, dataset: VOCSegmentationDataset, config: Config, execution: Execution,
              keep: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, dict[int, tuple]]:
     """Confusion matrices of the model and of the all-background prediction over the whole set
     (P4: one matrix per set), and ``{index: (image, mask, prediction)}`` for the ``keep`` indices."""
@@ -245,7 +249,7 @@ def evaluate(model: HypercolumnSegmenter, dataset: VOCSegmentationDataset, confi
     kept = {}
     for index in tqdm(range(len(dataset)), desc=f"{TASK} test", unit="img", mininterval=1.0):
         image, mask = dataset[index]
-        prediction = predict(model, to_tensor(image).to(device), config)
+        prediction = predict(model, execution.images(to_tensor(image)), config, execution)
         confusion += metrics.confusion_matrix(prediction, mask, NUM_CLASSES, VOID_LABEL)
         background += metrics.confusion_matrix(np.zeros_like(prediction), mask, NUM_CLASSES, VOID_LABEL)
         if index in keep:
@@ -342,7 +346,8 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
     """The two stages (head only, then the whole network; P4) and the dense test; the metrics (main rank)."""
     train_set, val_set = data.train, data.val
     info, device, loaded = begun.info, begun.device, begun.loaded
-    model = build_model(config, loaded).to(device)
+    execution = Execution.of(config, device)
+    model = execution.model(build_model(config, loaded))
     backbone_fp = fingerprint(model.backbone.state_dict())
     work_dir = begun.work_dir
     per_rank_batch = config.batch_size // info.world_size
@@ -364,11 +369,13 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
         trainer = Trainer(model=net, optimizer=optimizer, scheduler=scheduler, total_steps=steps,
                                  work_dir=work_dir / f"stage{stage}", checkpoint_every=config.checkpoint_every,
                                  grad_clip=config.grad_clip, info=info, description=f"{TASK} stage {stage} ({name})",
-                                 trainable=params, identity=begun.identity)
+                                 trainable=params, identity=begun.identity, amp_dtype=execution.amp_dtype,
+                                 scaler=execution.scaler())
 
         def step_fn(batch):
-            images, positions, labels = (t.to(device) for t in batch)
-            return masked_cross_entropy(net(images, positions), labels), {}
+            images, positions, labels = batch
+            logits = net(execution.images(images), positions.to(device))
+            return masked_cross_entropy(logits.float(), labels.to(device)), {}
 
         return trainer, step_fn
 
@@ -399,7 +406,7 @@ def train_and_evaluate(config: Config, data: Data, begun) -> dict:
         return {}
 
     keep = sorted({int(round(i)) for i in np.linspace(0, len(val_set) - 1, min(config.example_images, len(val_set)))})
-    confusion, background, kept = evaluate(model, val_set, config, device, keep)
+    confusion, background, kept = evaluate(model, val_set, config, execution, keep)
     per_class, miou = metrics.mean_iou(confusion)
     background_per_class, background_miou = metrics.mean_iou(background)
     pictures = None

@@ -138,23 +138,17 @@ DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's scaled IDCT gives through 
 
 
 def _decode_full_jpeg(data: bytes):
-    """(H, W, 3) uint8 tensor of a JPEG at full size. torchvision's libjpeg-turbo decoder gives
-    the same pixels as PIL's (same library, same defaults; a test checks) about a quarter sooner.
-    torchvision 0.29 marks its decoders deprecated (for torchcodec): silenced here, and PIL
-    decodes instead once they are gone."""
-    import warnings
-
+    """(H, W, 3) uint8 tensor of a JPEG at full size. OpenCV's libjpeg-turbo decoder gives the same
+    pixels as PIL's (same library, same defaults; a test checks) in half the time (no RGBX
+    buffer), and a tenth sooner than torchvision's; the EXIF orientation is ignored, as PIL does."""
+    import cv2
     import numpy as np
     import torch
 
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return torch.from_numpy(np.array(JpegImagePlugin.JpegImageFile(io.BytesIO(data)).convert("RGB")))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
+        raise ValueError("OpenCV could not decode the JPEG data")
+    return torch.from_numpy(pixels)
 
 
 class EncodedJpeg(JpegImagePlugin.JpegImageFile):

@@ -109,3 +109,36 @@ def test_voc07_cls_biases_train_at_twice_the_lr_with_the_weights_decay(data_root
         lr = config.lr * (2.0 if name.endswith("bias") else 1.0)
         expected = before[name] - lr * (1.0 + 0.5 * before[name])
         assert torch.allclose(dict(model.named_parameters())[name], expected, atol=1e-7), name
+
+
+def test_voc07_cls_two_steps_in_bf16_channels_last_on_cpu_stay_close_to_fp32(data_root, tmp_path, monkeypatch):
+    """amp and channels_last are operational (same run key); under bf16 + channels_last on CPU the
+    harness trains and tests with float32 logits into the loss and the metric, finite, and the first
+    step's loss (same weights, same batch) is close to fp32's."""
+    seen = {}
+    real_loss = voc07_cls.multilabel_loss
+
+    def loss_spy(logits, labels):
+        loss = real_loss(logits, labels)
+        seen.setdefault("dtypes", set()).add((logits.dtype, loss.dtype))
+        seen.setdefault("losses", []).append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(voc07_cls, "multilabel_loss", loss_spy)
+    real_ap = voc07_cls.metrics.voc_classification_ap
+    monkeypatch.setattr(voc07_cls.metrics, "voc_classification_ap",
+                        lambda scores, labels: seen.setdefault("scores", scores) is not None and real_ap(scores, labels))
+    runs = {}
+    for amp, layout in (("off", False), ("bf16", True)):
+        seen.clear()
+        config = _config(voc07_cls, data_root, tmp_path / amp, iterations=2, crop=64, test_views=1,
+                         amp=amp, channels_last=layout)
+        metrics = voc07_cls.run(config)
+        (record,) = store.load_records(tmp_path / amp / "results")
+        runs[amp] = (seen["losses"], record["run_key"], metrics, seen["dtypes"], seen["scores"])
+    losses, key, metrics, dtypes, scores = runs["bf16"]
+    assert key == runs["off"][1]  # operational: the same run
+    assert dtypes == {(torch.float32, torch.float32)} and scores.dtype.name == "float64"
+    assert len(losses) == 2 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[0] == pytest.approx(runs["off"][0][0], rel=0.05)
+    assert 0.0 <= metrics["mAP"] <= 100.0

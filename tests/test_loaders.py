@@ -89,7 +89,7 @@ def _mad(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_open_rgb_is_lazy_and_decodes_like_pil(jpeg):
     image = open_rgb(jpeg)
     assert isinstance(image, EncodedJpeg) and image.size == _full(jpeg).size and image.mode == "RGB"
-    assert np.array_equal(image.pixels(1).numpy(), np.asarray(_full(jpeg)))  # torchvision == PIL decode
+    assert np.array_equal(image.pixels(1).numpy(), np.asarray(_full(jpeg)))  # OpenCV == PIL decode
     assert np.array_equal(np.asarray(image), np.asarray(_full(jpeg)))  # PIL use decodes in full
     for reduction in (2, 4, 8):
         small = image.pixels(reduction)
@@ -234,6 +234,123 @@ def test_resized_image_behaves_as_the_eager_resize():
     assert lazy.size == eager.size
     assert np.array_equal(np.asarray(lazy), np.asarray(eager))
     assert np.array_equal(np.asarray(lazy.crop((3, 4, 50, 60))), np.asarray(eager.crop((3, 4, 50, 60))))
+
+
+def _read_box(box, size, out):
+    """The window resample_window reads for ``box`` (the drawn one shifted onto the pixel grid),
+    or None where it hands the window to PIL (a shift above MAX_WINDOW_SHIFT)."""
+    side = box[2] - box[0]
+    axes = [common._window_axis(start, end, out, limit) for start, end, limit in
+            ((box[0], box[2], size[0]), (box[1], box[3], size[1]))]
+    if max(a[3] for a in axes) > common.MAX_WINDOW_SHIFT:
+        return None
+    x0, y0 = (first + lead * side / out for first, _, lead, _ in axes)
+    return x0, y0, x0 + side, y0 + side
+
+
+def test_resample_window_is_pils_filter_on_its_grid():
+    """resample_window (torch's uint8 kernel) gives PIL's resize of the window it actually reads
+    within one grey level on 99 % of the values or more; PIL's own resize of the drawn window
+    where no origin on the pixel grid is close enough."""
+    image = _photo((500, 375))
+    pixels = torch.from_numpy(np.asarray(image).copy())
+    rng = np.random.default_rng(0)
+    handed_to_pil = 0
+    for _ in range(60):
+        box, _ = common.scaled_window(image.size, rng, 227, (0.5, 2.0))
+        ours = common.resample_window(pixels, box, (227, 227)).numpy().astype(int)
+        read = _read_box(box, image.size, 227)
+        handed_to_pil += read is None
+        ref = np.asarray(image.resize((227, 227), Image.BILINEAR, box=read or box)).astype(int)
+        if read is None:
+            assert np.array_equal(ours, ref)
+        else:
+            assert np.abs(ours - ref).max() <= 1 and (ours != ref).mean() < 0.01
+    assert handed_to_pil < 10
+    box = (100.3, 50.0, 100.3 + 227.0, 50.0 + 227.0)  # scale 1, origin off the grid: no lead helps
+    assert _read_box(box, image.size, 227) is None
+    assert np.array_equal(common.resample_window(pixels, box, (227, 227)).numpy(),
+                          np.asarray(image.resize((227, 227), Image.BILINEAR, box=box)))
+
+
+def test_resample_window_shift_is_subpixel_and_the_view_close_to_pil():
+    """The window read is the drawn one moved by at most MAX_WINDOW_SHIFT (0.25 px; well under
+    0.05 px on average), its scale exact, its filter support PIL's; the views stay within a grey
+    level of PIL's on the drawn box."""
+    image = _photo((500, 375))
+    pixels = torch.from_numpy(np.asarray(image).copy())
+    rng = np.random.default_rng(1)
+    shifts, mads = [], []
+    for _ in range(300):
+        box, _ = common.scaled_window(image.size, rng, 227, (0.5, 2.0))
+        axes = []
+        for start, end, limit in ((box[0], box[2], 500), (box[1], box[3], 375)):
+            first, last, lead, shift = common._window_axis(start, end, 227, limit)
+            support = max((end - start) / 227, 1.0)
+            assert first >= 0 and last <= limit and last >= min(limit, end + support)
+            assert abs(first + lead * (end - start) / 227 - start) == pytest.approx(shift) or shift == np.inf
+            assert first <= max(0.0, start - support) + 0.5 or shift > common.MAX_WINDOW_SHIFT
+            axes.append(shift)
+        if max(axes) <= common.MAX_WINDOW_SHIFT:
+            shifts += axes
+        if len(mads) < 40:
+            ours = common.resample_window(pixels, box, (227, 227)).numpy().astype(float)
+            mads.append(np.abs(ours - np.asarray(image.resize((227, 227), Image.BILINEAR, box=box))).mean())
+    assert max(shifts) <= common.MAX_WINDOW_SHIFT and np.mean(shifts) < 0.05 and len(shifts) > 0.9 * 600
+    assert np.mean(mads) < 1.0
+
+
+def test_uint8_views_normalise_to_the_float_views(jpeg):
+    """The harnesses take uint8 views and normalise the batch on the step's device: bit for bit
+    the per-sample float path."""
+    image = open_rgb(jpeg)
+    raw = [random_scaled_view(image, np.random.default_rng(s), 112, (0.5, 2.0), normalise=False) for s in range(4)]
+    ref = [random_scaled_view(image, np.random.default_rng(s), 112, (0.5, 2.0)) for s in range(4)]
+    assert all(v.dtype == torch.uint8 and v.shape == (3, 112, 112) for v in raw)
+    assert torch.equal(common.normalise_images(torch.stack(raw)), torch.stack(ref))
+    for shared in (False, True):  # the harnesses' collate: a channels-last uint8 batch, same values
+        batch, labels = common.collate_views([(v, k) for k, v in enumerate(raw)], shared=shared)
+        assert torch.equal(batch, torch.stack(raw)) and batch.is_shared() == shared and labels.tolist() == [0, 1, 2, 3]
+        assert torch.equal(common.normalise_images(batch), torch.stack(ref))
+    lazy = resize_shorter(image, 160)
+    assert torch.equal(common.normalise_images(random_crop_mirror(lazy, np.random.default_rng(2), 128, normalise=False)),
+                       random_crop_mirror(lazy, np.random.default_rng(2), 128))
+    assert torch.equal(common.normalise_images(center_crop(lazy, 128, normalise=False)), center_crop(lazy, 128))
+
+
+def test_deferred_views_decode_to_the_cpu_views(jpeg):
+    """decode_device=cuda's path (the worker draws the windows, the step decodes the batch's bytes
+    and resamples): run here with torchvision's CPU decoder it gives the CPU path's views bit for
+    bit, so geometry, mirror and batching are the same; each JPEG is decoded once per batch."""
+    image = open_rgb(jpeg)
+    rngs = lambda: [np.random.default_rng(s) for s in range(6)]  # noqa: E731
+    deferred = [random_scaled_view(image, r, 64, (0.5, 2.0), normalise=False, decode_device="cuda") for r in rngs()]
+    assert all(isinstance(v, common.EncodedView) for v in deferred)
+    assert len({id(v.data) for v in deferred}) == 1
+    cpu = torch.stack([random_scaled_view(image, r, 64, (0.5, 2.0), normalise=False) for r in rngs()])
+    batch = common.stack_views(deferred)
+    assert isinstance(batch, common.ViewBatch)
+    assert torch.equal(common.decode_views(batch, torch.device("cpu")), cpu)
+    lazy = resize_shorter(image, 160)
+    view = random_crop_mirror(lazy, np.random.default_rng(1), 128, normalise=False, decode_device="cuda")
+    views, labels = common.collate_views([(view, 3), (view, 4)])
+    assert labels.tolist() == [3, 4]
+    ref = random_crop_mirror(lazy, np.random.default_rng(1), 128, normalise=False)
+    # the window read from the original, not the crop of the whole resize: within a grey level or two
+    assert (common.decode_views(views, torch.device("cpu"))[0].float() - ref.float()).abs().mean() < 2.0
+
+
+def test_decode_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    from evals.run import main as run_main
+
+    for task in ("voc07_cls", "in1k_linear"):
+        args = ["--task", task, "--preset", "demo", "--data-root", str(tmp_path), "--results-dir",
+                str(tmp_path / "results"), "--set", "decode_device=cuda"]
+        assert run_main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "error: decode_device=cuda needs a GPU (no CUDA device here); use decode_device=cpu"
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class FastRCNN(nn.Module):
 
     def head(self, conv5: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rois``: (R, 5) rows ``(batch index, x1, y1, x2, y2)`` in input pixels (0-based)."""
-        x = torch.flatten(self.roi_pool(conv5, rois), 1)
+        x = torch.flatten(self.roi_pool(conv5.float(), rois), 1)  # float32 under autocast: RoIPool's CPU kernel
         net, before = self.backbone, self.backbone.arch.dropout_before_fc
         for fc in (net.fc6, net.fc7):  # the member's own order: Caffe drops after ReLU, torchvision before fc
             x = F.relu(fc(net.drop(x))) if before else net.drop(F.relu(fc(x)))
@@ -117,8 +117,8 @@ def detect(model: FastRCNN, image: Image.Image, proposal_boxes: np.ndarray, conf
     for chunk in torch.split(rois, config.test_roi_chunk):  # bounds fc6/fc7's memory, not the result
         batch_rois = torch.cat([torch.zeros(len(chunk), 1), chunk * scale], 1).to(device)
         logits, d = model.head(conv5, batch_rois)
-        scores.append(F.softmax(logits, 1).cpu())
-        deltas.append(d.cpu())
+        scores.append(F.softmax(logits.float(), 1).cpu())  # float32 under autocast too
+        deltas.append(d.float().cpu())
     scores = torch.cat(scores) if scores else torch.zeros(0, NUM_CLASSES)
     deltas = torch.cat(deltas) if deltas else torch.zeros(0, 4 * NUM_CLASSES)
     boxes = decode_boxes(rois, deltas)  # raw deltas (normalisation folded into bbox_pred), original pixels
