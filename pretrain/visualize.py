@@ -6,12 +6,19 @@
   its embeddings as colours (first column); for three pixels p, the rows ``K_f(p, .)`` (eq. 2,
   with the learned sigma^2) and ``K_phi(p, .)`` over a dense grid of pixels, shown as images.
   The pixels are the grid pixels with the largest and the smallest flow and one seeded random one.
-* ``fig4_embeddings.png`` (Fig. 4): for ``--num-images`` validation frames, the frame, the
-  embeddings projected 16D -> 3D by a fixed seeded Gaussian random projection and mapped to RGB
-  (each channel stretched between its 1st and 99th percentile in that image), and the flow.
+* ``fig4_embeddings.png`` (Fig. 4): for ``--num-images`` validation frames (spread evenly over the
+  split), the frame, the embeddings projected 16D -> 3D by a fixed seeded Gaussian random
+  projection and mapped to RGB (each channel stretched between its 1st and 99th percentile in that
+  image), and the flow.
   For a direct-regression checkpoint the middle row is the predicted flow (expected bin centre
   per component) colour-coded like the measured one, and Fig. 2 is not drawn (no embedding).
 * ``flow_color_wheel.png``: the colour key (hue = direction, saturation = magnitude).
+
+Both figures put the same network at random initialisation beside the trained one (as the paper's
+Fig. 5 does for neurons; ``--no-random`` leaves it out): Fig. 4 gets a row of the random network's
+outputs under the same projection, Fig. 2 a row of its ``K_phi(p, .)``. The random network is
+:func:`pretrain.model.build_model` of the checkpoint's method and head under ``--seed`` (what
+``pretrain.proxy --ckpt random`` scores), in evaluation mode, so what training added is visible.
 
 Embeddings are computed at every pixel of a stride ``--stride`` grid (4 by default, the
 resolution of conv1) from one backbone pass per frame, through the same hypercolumn + MLP as
@@ -90,8 +97,33 @@ def _pick_pixels(flow_grid: np.ndarray, valid_grid: np.ndarray, seed: int) -> li
     return [largest, smallest, int(np.random.default_rng(seed).choice(candidates))]
 
 
+def fig4_rows(method: str, random_init: bool) -> list[str]:
+    """Row titles of Fig. 4, top to bottom."""
+    middle = "embedding (random 16D->3D)" if method == "cpfs" else "predicted flow (direct reg.)"
+    return ["frame", middle] + (["random init: " + middle.split(" (")[0]] if random_init else []) + ["flow"]
+
+
+def fig2_rows(random_init: bool) -> list[str]:
+    """Row titles of Fig. 2 (kernel columns), top to bottom."""
+    return ["frame", "K_f(p, .)", "K_phi(p, .)"] + (["K_phi(p, .) random init"] if random_init else [])
+
+
+def random_counterpart(net, cfg: dict, seed: int):
+    """The checkpoint's network at random initialisation under ``seed`` (eval mode); the global
+    RNG is left as it was."""
+    from pretrain.model import build_model
+    options = {k: cfg[k] for k in ("hidden", "layers") if k in cfg}
+    if net.method == "cpfs" and "embedding_dim" in cfg:
+        options["embedding_dim"] = cfg["embedding_dim"]
+    if net.method == "direct" and "num_bins" in cfg:
+        options["num_bins"] = cfg["num_bins"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(net.method, **options).eval()
+
+
 def visualize(ckpt: str, data: str, out: str, num_images: int = 4, stride: int = 4, split: str = "val",
-              seed: int = 0) -> dict:
+              seed: int = 0, random_init: bool = True) -> dict:
     """Write the figures for checkpoint ``ckpt`` on frames of ``data``; returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
@@ -111,31 +143,40 @@ def visualize(ckpt: str, data: str, out: str, num_images: int = 4, stride: int =
     projection = random_projection(net.head.fc2.out_features, seed)
     written = {}
 
+    untrained = random_counterpart(net, cfg, seed) if random_init else None
+
+    def middle_row(model, outputs):
+        if model.method == "cpfs":
+            return to_rgb((outputs @ projection).numpy()).reshape(*grid_shape, 3)
+        pred = expected_flow(outputs[:, :model.num_bins], outputs[:, model.num_bins:]).numpy()
+        return flow_to_color(pred.reshape(*grid_shape, 2), max_norm=max(np.abs(pred).max(), 1e-6))
+
     frames = []
-    for index in range(min(num_images, len(dataset))):
-        item = dataset[index]
+    # spread over the split (consecutive pairs usually come from one video)
+    for index in np.unique(np.linspace(0, len(dataset) - 1, min(num_images, len(dataset))).round().astype(int)):
+        item = dataset[int(index)]
         outputs = dense_outputs(net, item["image"], positions)
         flow_map = item["flow_map"].permute(1, 2, 0).numpy()  # (H, W, 2) normalised, eq. (6)
         valid_map = item["valid_map"].numpy()
         flow_grid = flow_map[positions[:, 0], positions[:, 1]]
         valid_grid = valid_map[positions[:, 0], positions[:, 1]]
-        if net.method == "cpfs":
-            middle = to_rgb((outputs @ projection).numpy()).reshape(*grid_shape, 3)
-        else:
-            pred = expected_flow(outputs[:, :net.num_bins], outputs[:, net.num_bins:]).numpy()
-            middle = flow_to_color(pred.reshape(*grid_shape, 2), max_norm=max(np.abs(pred).max(), 1e-6))
         flow_rgb = flow_to_color(np.where(valid_map[..., None], flow_map, np.nan))
-        frames.append(dict(frame=frame_to_rgb(item["image"]), middle=middle, flow=flow_rgb, outputs=outputs,
-                           flow_grid=flow_grid, valid_grid=valid_grid))
+        entry = dict(frame=frame_to_rgb(item["image"]), middle=middle_row(net, outputs), flow=flow_rgb,
+                     outputs=outputs, flow_grid=flow_grid, valid_grid=valid_grid)
+        if untrained is not None:
+            entry["random_outputs"] = dense_outputs(untrained, item["image"], positions)
+            entry["random_middle"] = middle_row(untrained, entry["random_outputs"])
+        frames.append(entry)
 
-    # Fig. 4: frames, embeddings as colours, flow.
+    # Fig. 4: frames, embeddings as colours (trained, then random init), flow.
     n = len(frames)
-    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 7.8), squeeze=False)
-    middle_title = "embedding (random 16D->3D)" if net.method == "cpfs" else "predicted flow (direct reg.)"
+    titles = fig4_rows(net.method, untrained is not None)
+    keys = ["frame", "middle"] + (["random_middle"] if untrained is not None else []) + ["flow"]
+    fig, axes = plt.subplots(len(keys), n, figsize=(2.6 * n, 2.6 * len(keys)), squeeze=False)
     for col, f in enumerate(frames):
-        for row, (img, title) in enumerate(((f["frame"], "frame"), (f["middle"], middle_title), (f["flow"], "flow"))):
+        for row, (key, title) in enumerate(zip(keys, titles)):
             ax = axes[row, col]
-            ax.imshow(img, interpolation="nearest", extent=(0, crop, crop, 0))
+            ax.imshow(f[key], interpolation="nearest", extent=(0, crop, crop, 0))
             ax.set_xticks([]), ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(title, fontsize=8)
@@ -145,16 +186,22 @@ def visualize(ckpt: str, data: str, out: str, num_images: int = 4, stride: int =
     fig.savefig(written["fig4"], dpi=100)
     plt.close(fig)
 
-    # Fig. 2: kernel rows K_f(p, .) and K_phi(p, .) for three pixels of the first frame.
+    # Fig. 2: kernel rows K_f(p, .) and K_phi(p, .) (trained, then random init) for three pixels
+    # of the first frame.
     if net.method == "cpfs":
         f = frames[0]
         flows = torch.from_numpy(f["flow_grid"])[None]
         k_f = flow_kernel(flows, sigma2)[0].numpy()
-        k_phi = embedding_kernel(f["outputs"][None])[0].numpy()
+        kernels = [(k_f, "K_f(p, .)"), (embedding_kernel(f["outputs"][None])[0].numpy(), "K_phi(p, .)")]
+        if untrained is not None:
+            kernels.append((embedding_kernel(f["random_outputs"][None])[0].numpy(), "K_phi(p, .) random init"))
         pixels = _pick_pixels(f["flow_grid"], f["valid_grid"], seed)
         invalid = ~f["valid_grid"].reshape(grid_shape)
-        fig, axes = plt.subplots(3, 4, figsize=(10.4, 7.8))
+        rows = 1 + len(kernels)
+        fig, axes = plt.subplots(rows, 4, figsize=(10.4, 2.6 * rows))
         first = ((f["frame"], "frame"), (f["flow"], "flow"), (f["middle"], "embedding"))
+        if untrained is not None:
+            first += ((f["random_middle"], "embedding, random init"),)
         for row, (img, title) in enumerate(first):
             axes[row, 0].imshow(img, interpolation="nearest", extent=(0, crop, crop, 0))
             axes[row, 0].set_ylabel(title, fontsize=8)
@@ -162,11 +209,11 @@ def visualize(ckpt: str, data: str, out: str, num_images: int = 4, stride: int =
             y, x = positions[p].tolist()
             axes[0, col].imshow(f["frame"])
             axes[0, col].set_title(f"p = (y {y}, x {x})", fontsize=8)
-            for row, (kernel, name) in enumerate(((k_f, "K_f(p, .)"), (k_phi, "K_phi(p, .)")), start=1):
+            for row, (kernel, name) in enumerate(kernels, start=1):
                 image = np.ma.masked_array(kernel[p].reshape(grid_shape), mask=invalid if row == 1 else None)
                 axes[row, col].imshow(image, cmap="viridis", interpolation="nearest", extent=(0, crop, crop, 0))
                 axes[row, col].set_title(name, fontsize=8)
-            for row in range(3):
+            for row in range(rows):
                 axes[row, col].plot([x], [y], marker="+", color="red", markersize=10, mew=2)
         for ax in axes.ravel():
             ax.set_xticks([]), ax.set_yticks([])
@@ -191,14 +238,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4, help="validation frames in Fig. 4")
     p.add_argument("--stride", type=int, default=4, help="grid stride in pixels for the dense embeddings")
     p.add_argument("--split", default="val", help="manifest split to take frames from")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random projection and the random pixel")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random projection, the random pixel and the random-initialisation network")
+    p.add_argument("--no-random", action="store_true",
+                   help="leave out the random-initialisation rows (Fig. 2, Fig. 4)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        written = visualize(args.ckpt, args.data, args.out, args.num_images, args.stride, args.split, args.seed)
+        written = visualize(args.ckpt, args.data, args.out, args.num_images, args.stride, args.split, args.seed,
+                            random_init=not args.no_random)
     except (ValueError, OSError) as err:  # CheckpointError and DatasetError are ValueErrors
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

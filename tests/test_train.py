@@ -209,3 +209,40 @@ def test_visualize_writes_figures_2_and_4_and_the_colour_wheel(data, straight, t
     for path in written.values():
         image = cv2.imread(path)
         assert image is not None and image.shape[0] > 100
+
+
+def test_figures_put_a_random_initialisation_row_beside_the_trained_network(data, straight, tmp_path):
+    from pretrain.visualize import fig2_rows, fig4_rows
+    assert fig4_rows("cpfs", True) == ["frame", "embedding (random 16D->3D)", "random init: embedding", "flow"]
+    assert fig4_rows("direct", False) == ["frame", "predicted flow (direct reg.)", "flow"]
+    assert fig2_rows(True)[-1] == "K_phi(p, .) random init" and len(fig2_rows(False)) == 3
+    with_random = visualize(str(straight[0] / "best.pt"), str(data), str(tmp_path / "a"), num_images=2)
+    without = visualize(str(straight[0] / "best.pt"), str(data), str(tmp_path / "b"), num_images=2,
+                        random_init=False)
+    for fig, rows in (("fig4", 4 / 3), ("fig2", 4 / 3)):
+        tall, short = cv2.imread(with_random[fig]), cv2.imread(without[fig])
+        assert tall.shape[1] == short.shape[1] and tall.shape[0] == pytest.approx(short.shape[0] * rows, rel=0.02)
+
+
+def test_two_steps_in_bf16_channels_last_on_cpu_stay_close_to_fp32(data, tmp_path):
+    """amp=bf16 and channels_last (operational: no override, no +custom) train on CPU with finite
+    losses; under bf16 autocast the loss is float32 and close to fp32's on the same weights and batch."""
+    summary = train(tiny(data, tmp_path, max_steps=2, val_every=0, val_skill=False, amp="bf16", channels_last=True))
+    assert summary["preset"] == "test" and summary["steps"] == 2
+    records = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    torch.manual_seed(0)
+    objective = pretrain_train.build_objective(tiny(data, tmp_path))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 224, 224, generator=g)
+    positions, flows = torch.randint(0, 224, (4, 16, 2), generator=g).float(), torch.randn(4, 16, 2, generator=g)
+    with torch.no_grad():
+        fp32 = objective(images, positions, flows)
+        objective.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = objective(images.contiguous(memory_format=torch.channels_last), positions, flows)
+    assert bf16.dtype == fp32.dtype == torch.float32 and torch.isfinite(bf16)
+    assert float(bf16) == pytest.approx(float(fp32), rel=0.05)
+    with pytest.raises(pretrain_train.ConfigError, match="amp=fp16 needs a CUDA device"):
+        pretrain_train.resolve_amp("fp16", torch.device("cpu"))
