@@ -27,7 +27,7 @@ the camera's. Objects are drawn back to front: later ones occlude earlier ones (
 
 Files per video under ``--out``::
 
-    world_<i:04d>.mp4        H.264 (yuv420p, crf 18, one encoder thread: the same bytes every run)
+    world_<i:04d>.mp4        MPEG-4 Part 2 (yuv420p, 8 Mb/s, one thread: the same bytes every run)
     world_<i:04d>.ids.npz    ``ids`` (T, H, W) uint8: 0 background, k = k-th object back to front
     world_<i:04d>.json       kinds (VOC class of each id), labels (VOC index + 1), motions, size;
                              written last: a video with its JSON is complete (reruns skip it)
@@ -152,22 +152,29 @@ def render_video(seed: int, index: int, frames: int = FRAMES, height: int = HEIG
 # --- files ----------------------------------------------------------------------------------------
 
 def write_video(path: str | os.PathLike, frames, rate: int = 25) -> Path:
-    """Encode RGB ``frames`` (uint8 (H, W, 3), H and W even) as H.264 mp4 at ``path``, atomically
-    (a temporary name, then a rename). One encoder thread: x264's threaded lookahead made files,
-    and so the flow, the pretrained weights and every demo number, differ from run to run."""
+    """Encode RGB ``frames`` (uint8 (H, W, 3), H and W even) as an MPEG-4 Part 2 mp4 at ``path``,
+    atomically (a temporary name, then a rename). FFmpeg's own encoder, one thread: libx264 gave
+    different bytes for the same frames in concurrent processes even with one thread (measured:
+    2 of 4 videos differed across 3 runs), which made the flow, the pretrained weights and every
+    demo number differ from run to run."""
     import av
 
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate)
+        stream = container.add_stream("mpeg4", rate=rate)
         first = frames[0]
         stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
         stream.thread_count = 1
-        stream.options = {"crf": "18", "threads": "1"}
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")):
+        stream.bit_rate = 8_000_000  # ~3 grey levels mean error, most of it the 4:2:0 chroma
+        for index, array in enumerate(frames):
+            # RGB -> YUV 4:2:0 here (OpenCV, per pixel) rather than in FFmpeg's swscale, whose
+            # threaded slices made the encoder's input, and so the files, differ between runs
+            yuv = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGB2YUV_I420)
+            frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            frame.pts = index  # explicit timestamps: nothing left to the muxer's clock
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -188,7 +195,7 @@ def write_world_videos(out, count: int = 24, seed: int = 0, frames: int = FRAMES
     if count < 1 or frames < 2:
         raise ConfigError(f"need at least one video of two frames, got --videos {count} --frames {frames}")
     if height % 2 or width % 2 or min(height, width) < 32:
-        raise ConfigError(f"frame size {height}x{width}: both sides must be even and at least 32 (H.264 yuv420p)")
+        raise ConfigError(f"frame size {height}x{width}: both sides must be even and at least 32 (yuv420p)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"seed": seed, "frames": frames, "height": height, "width": width}
