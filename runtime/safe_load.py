@@ -35,17 +35,22 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200] or type(err).__name__
 
 
-def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
-    """The object in a ``torch.save`` file; CheckpointError (one line naming the file) if the file is
-    missing, a folder, empty, truncated, not a torch file, or holds anything beyond tensors and
-    plain values."""
-    path = Path(path)
+def check_file(path: Path) -> None:
+    """CheckpointError unless ``path`` is an existing, non-empty file (every reader's first check)."""
     if path.is_dir():
         raise CheckpointError(path, "is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(path, "no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(path, "empty file, not a checkpoint")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+    """The object in a ``torch.save`` file; CheckpointError (one line naming the file) if the file is
+    missing, a folder, empty, truncated, not a torch file, or holds anything beyond tensors and
+    plain values."""
+    path = Path(path)
+    check_file(path)
     with open(path, "rb") as handle:
         is_zip_container = handle.read(4) == b"PK\x03\x04"  # torch.save's format since 1.6
     if is_zip_container and not zipfile.is_zipfile(path):

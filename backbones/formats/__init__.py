@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import CheckpointError
+from runtime.safe_load import check_file
 
 KINDS = ("input", "conv", "fc", "relu", "lrn", "pool", "bn", "scale", "dropout", "flatten", "softmax",
          "other")
@@ -96,16 +97,6 @@ _TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "littl
 # Top-level fields (number -> allowed wire types) of the two binary Caffe messages.
 _NET_FIELDS = {1: {2}, 2: {2}, 3: {2}, 4: {0, 2}, 5: {0}, 6: {2}, 7: {0}, 8: {2}, 100: {2}}
 _BLOB_FIELDS = {1: {0}, 2: {0}, 3: {0}, 4: {0}, 5: {2, 5}, 6: {2, 5}, 7: {2}, 8: {2, 1}, 9: {2, 1}}
-
-
-def check_file(path: Path) -> None:
-    """CheckpointError unless ``path`` is an existing, non-empty file."""
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(path, "empty file, not a checkpoint")
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
