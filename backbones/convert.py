@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from backbones.alexnet import (CAFFE_MEAN_BGR, CANONICAL_INPUT, CONV_LAYERS, FC6_GRID, FC_LAYERS, NORMALISED,
+from backbones.alexnet import (CAFFE_MEAN_BGR, CANONICAL_INPUT, FC6_GRID, FC_LAYERS, NORMALISED,
                                POOL_KERNEL, POOL_STRIDE, POOLED, AlexNet, AlexNetArch, InputSpec, _MEMBERS)
 from backbones.checkpoint import EXPORT_FORMAT, fingerprint
 from backbones.formats import SourceLayer, SourceNet, detect_format, read_mean, read_source
@@ -236,7 +236,7 @@ def _shape(a) -> str:
     return "x".join(str(int(v)) for v in a.shape)
 
 
-class Mapping_:
+class _Converted:
     """Accumulates the converted tensors and the load report."""
 
     def __init__(self, path: str):
@@ -376,7 +376,7 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
                                         f"{len(fcs)} fc layers); declare it with --allow-missing '{undeclared[0]}.*'")
     ceil, lrn, lrn_before = _pooling(net, convs)
 
-    mapping = Mapping_(net.path)
+    mapping = _Converted(net.path)
     conv_specs = []
     cin = 2 if frontend else spec.channels_out
     for i, conv in enumerate(convs, start=1):
@@ -496,8 +496,7 @@ def convert(args) -> tuple[str, list[dict], dict]:
     meta = {"label": args.label or src.stem, "supervision": args.supervision, "converted_from": str(src),
             "source_format": fmt, "source_sha256": _sha256(src),
             "conversion": {"discarded": summary["discarded"], "missing": summary["missing"],
-                           "folded": summary["folded"], "load_report": report,
-                           "command": " ".join(sys.argv[1:]) if args.record_command else None}}
+                           "folded": summary["folded"], "load_report": report}}
     if args.prototxt:
         meta["prototxt"] = str(args.prototxt)
     atomic_torch_save({"format": EXPORT_FORMAT, "version": 1, "arch": model.arch.to_dict(), "state_dict": state,
@@ -537,7 +536,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="keep a classifier after fc7 as the checkpoint's fc8 (otherwise it must be --discard-ed)")
     parser.add_argument("--label", help="the row label results tables use (default: the file name)")
     parser.add_argument("--supervision", default="-", help="the supervision column of the tables")
-    parser.add_argument("--record-command", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", required=True, help="the checkpoint to write (.pt)")
     parser.add_argument("--quiet", action="store_true", help="do not print the load report")
     return parser
