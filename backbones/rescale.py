@@ -2,7 +2,7 @@
 protocols.md P9), for the AlexNets of :mod:`backbones.alexnet`.
 
     python -m backbones.rescale CKPT|random --data-root ROOT --out OUT.pt [--images N] [--seed S]
-                                [--steps auto|both|between] [--layout caffenet|torchvision] [--size 227]
+                                [--steps auto|both|within|between] [--layout caffenet|torchvision] [--size 227]
 
 Why: a PyTorch-default random AlexNet attenuates its signal layer after layer (on the demo data the
 rectified conv5 has a standard deviation about 30x below conv1's, fc7 about 100x), so its deep
@@ -38,6 +38,12 @@ and centre-cropped, normalised as every network here expects; never a test image
    once, from the seed: magic_init draws a fresh one per iteration, but one draw's sampling noise
    moves the rates by about 5% (measured on the demo data), so fresh draws would undo the exact
    step each time and never meet a 1% test.
+
+What equal rates leave open: multiplying every layer's weights by one common factor ``lam`` (and
+layer k's bias by ``lam**k``) keeps the rates equal and scales layer k's output by ``lam**k``; the
+step above fixes ``lam`` by keeping the network's output. Whichever ``lam``, the rates set how far
+apart the layers' activation scales end up (x2.4-2.7 on the demo data, where step 1 alone leaves
+x1.04; README "Rescaling"). ``--steps within`` applies step 1 alone.
 
 Simplifications, all stated: the paper's per-column rates are averaged per layer through the
 squared norms (magic_init's own measure); the paper damps each step (``alpha``), which the exact
@@ -254,6 +260,11 @@ def activation_stds(model: AlexNet, images: torch.Tensor, names: Sequence[str] =
     return {name: float(torch.cat(parts[name]).std()) for name in names}
 
 
+def spread(stds: dict[str, float]) -> float:
+    """Largest over smallest of :func:`activation_stds`' values: how far apart the layers' scales are."""
+    return max(stds.values()) / min(stds.values())
+
+
 # --- the built-in `random-rescaled` checkpoint of evals.run ----------------------------------------------
 
 def random_rescaled_backbone(seed: int, data_root, *, layout: str = "caffenet", num_classes: int | None = None,
@@ -310,8 +321,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                         help=f"trainval images in the sample (default {DEFAULT_IMAGES}; all if fewer)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sample, the random targets and 'random'")
-    parser.add_argument("--steps", choices=("auto", "both", "between"), default="auto",
-                        help="auto (default): both steps for 'random', only the between-layer step for a checkpoint")
+    parser.add_argument("--steps", choices=("auto", "both", "within", "between"), default="auto",
+                        help="auto (default): both steps for 'random', only the between-layer step for a "
+                             "checkpoint; within: Algorithm 1 alone (every layer at unit pre-activation variance)")
     parser.add_argument("--layout", choices=("caffenet", "torchvision"), default="caffenet",
                         help="layout of 'random' (a checkpoint has its own)")
     parser.add_argument("--size", type=int, default=INPUT_SIZE, help="side of the centre crops (default 227)")
@@ -324,20 +336,22 @@ def main(argv=None) -> int:
         if args.images < 1:
             raise ValueError(f"--images must be at least 1, got {args.images}")
         model, source_meta, source_fp = _load_source(args.ckpt, args.seed, args.layout)
-        within = args.steps == "both" or (args.steps == "auto" and args.ckpt == "random")
+        within = args.steps in ("both", "within") or (args.steps == "auto" and args.ckpt == "random")
+        between = args.steps != "within"
         batch, ids = sample_images(args.data_root, args.images, args.seed, args.size)
-        rescaled, report = rescale(model, batch, seed=args.seed, within=within)
+        rescaled, report = rescale(model, batch, seed=args.seed, within=within, between=between)
         report.update(seed=args.seed, data_root=str(args.data_root), image_ids=ids)
         before, after = activation_stds(model, batch), activation_stds(rescaled, batch)
         fp = save_backbone(rescaled, args.out, meta=output_meta(args.ckpt, source_meta, source_fp, report))
     except (CheckpointError, DatasetError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    print(f"rescaled {args.ckpt} on {len(batch)} VOC2007 trainval images ({'within + ' if within else ''}"
-          f"between-layer, {report.get('between_iterations', 0)} iteration(s))")
-    print("activation std  " + "  ".join(f"{n:>7}" for n in before))
-    print("  before        " + "  ".join(f"{v:7.4f}" for v in before.values()))
-    print("  after         " + "  ".join(f"{v:7.4f}" for v in after.values()))
+    steps = " + ".join(s for s, on in (("within-layer", within), ("between-layer", between)) if on)
+    iterations = f", {report['between_iterations']} iteration(s)" if between else ""
+    print(f"rescaled {args.ckpt} on {len(batch)} VOC2007 trainval images ({steps}{iterations})")
+    print("activation std  " + "  ".join(f"{n:>7}" for n in before) + "   max/min")
+    print("  before        " + "  ".join(f"{v:7.4f}" for v in before.values()) + f"  x{spread(before):.2f}")
+    print("  after         " + "  ".join(f"{v:7.4f}" for v in after.values()) + f"  x{spread(after):.2f}")
     print(f"wrote {args.out} (fingerprint {fp})")
     return 0
 
