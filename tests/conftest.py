@@ -6,6 +6,8 @@ first, as on a fresh clone. ``-m "not slow"`` leaves out end-to-end runs and the
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 
@@ -28,4 +30,12 @@ def tiny(tmp_path_factory):
     from evals.datasets import demo
     root = tmp_path_factory.mktemp("demo") / "data"
     demo.make_demo(root, seed=0, scale="tiny", progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_copy(tiny, tmp_path):
+    """A private copy of :func:`tiny`, for a test to break."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny, root)
     return root

@@ -1,7 +1,14 @@
 """Helpers shared by test files (not fixtures)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def voc07(root) -> Path:
+    """The VOC2007 folder of a generated data root."""
+    return Path(root) / "VOCdevkit" / "VOC2007"
 
 
 def pretrain_tensors(path) -> tuple[dict, dict]:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,20 +42,9 @@ from pretrain.data import FlowPairDataset, preflight_flow_pairs, read_manifest
 from pretrain.flow import encode_flow_png
 from runtime.errors import one_line
 from runtime.images import jpeg_is_complete, read_png_header
+from tests.helpers import voc07
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def data(tiny, tmp_path) -> Path:
-    """A private copy of the tiny demo set, to break."""
-    root = tmp_path / "data"
-    shutil.copytree(tiny, root)
-    return root
-
-
-def voc07(root: Path) -> Path:
-    return root / "VOCdevkit" / "VOC2007"
 
 
 def _append_line(path: Path, line: str) -> int:
@@ -81,8 +69,8 @@ def _single_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------- paths stay inside
 
 
-def test_dotdot_id_in_test_split_is_refused_with_file_and_line(data, tmp_path):
-    split = voc07(data) / "ImageSets/Main/test.txt"
+def test_dotdot_id_in_test_split_is_refused_with_file_and_line(tiny_copy, tmp_path):
+    split = voc07(tiny_copy) / "ImageSets/Main/test.txt"
     line = _append_line(split, "../../../../ESC")
     expected = f"{split}:{line}: '../../../../ESC' leaves its folder ('..' is not allowed)"
     with pytest.raises(DatasetError) as err:
@@ -92,41 +80,41 @@ def test_dotdot_id_in_test_split_is_refused_with_file_and_line(data, tmp_path):
     cache = tmp_path / "cache"
     before = _files(tmp_path)
     with pytest.raises(DatasetError, match=re.escape(expected)):
-        proposals.compute_proposals(voc07(data), "test", cache, workers=0, progress=False)
-    assert proposals.main(["--voc-root", str(voc07(data)), "--split", "test", "--out", str(cache),
+        proposals.compute_proposals(voc07(tiny_copy), "test", cache, workers=0, progress=False)
+    assert proposals.main(["--voc-root", str(voc07(tiny_copy)), "--split", "test", "--out", str(cache),
                            "--workers", "0"]) == 2
     # Ids handed over directly (not from a split file) are refused by the cache itself.
     with pytest.raises(DatasetError, match="leaves its folder"):
-        proposals.compute_proposals(voc07(data), "test", cache, workers=0, ids=["../../../../ESC"], progress=False)
+        proposals.compute_proposals(voc07(tiny_copy), "test", cache, workers=0, ids=["../../../../ESC"], progress=False)
     with pytest.raises(DatasetError, match="absolute path"):
         proposals.save_boxes(proposals.cache_path(cache, "fast", "/tmp/ESC"), np.zeros((1, 4)))
     assert _files(tmp_path) - before <= {p for p in _files(tmp_path) if cache in p.parents or p == cache}
     assert not list(tmp_path.rglob("ESC*")) and not (tmp_path.parent / "ESC.npy").exists()
 
 
-def test_dotdot_and_absolute_ids_everywhere_ids_are_read(data, tmp_path):
-    cls_file = voc07(data) / "ImageSets/Main/cat_trainval.txt"
+def test_dotdot_and_absolute_ids_everywhere_ids_are_read(tiny_copy, tmp_path):
+    cls_file = voc07(tiny_copy) / "ImageSets/Main/cat_trainval.txt"
     line = _append_line(cls_file, "/etc/passwd 1")
     with pytest.raises(DatasetError, match=re.escape(f"{cls_file}:{line}: absolute path '/etc/passwd'")):
-        VOCClassificationDataset(voc07(data), "trainval")
+        VOCClassificationDataset(voc07(tiny_copy), "trainval")
 
-    seg_val = data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    seg_val = tiny_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
     clean = seg_val.read_text()
     line = _append_line(seg_val, "..")
     with pytest.raises(DatasetError, match=re.escape(f"{seg_val}:{line}: '..' leaves its folder")):
-        voc12_val_items(data)
+        voc12_val_items(tiny_copy)
     seg_val.write_text(clean)
 
-    sbd_train = data / "benchmark_RELEASE/dataset/train.txt"
+    sbd_train = tiny_copy / "benchmark_RELEASE/dataset/train.txt"
     line = _append_line(sbd_train, "a/../../b")
     with pytest.raises(DatasetError, match=re.escape(f"{sbd_train}:{line}:")):
-        train_aug_items(data)
+        train_aug_items(tiny_copy)
 
-    labels = data / "imagenet/val_labels.txt"
+    labels = tiny_copy / "imagenet/val_labels.txt"
     first = labels.read_text().splitlines()[0].split()[1]
     line = _append_line(labels, f"../train/{first}/{first}_1.JPEG {first}")
     with pytest.raises(DatasetError, match=re.escape(f"{labels}:{line}:") + ".*leaves its folder"):
-        ImageNetDataset(data / "imagenet", "val")
+        ImageNetDataset(tiny_copy / "imagenet", "val")
 
     mat = tmp_path / "voc_2007_test.mat"
     cells = np.empty((1, 1), dtype=object)
@@ -197,22 +185,22 @@ def _test_image(root: Path, k: int = 0) -> tuple[VOCClassificationDataset, Path]
 
 @pytest.mark.parametrize("break_file,problem", [(_corrupt, "not a recognised image format"),
                                                 (_truncate, "image file is truncated")])
-def test_bad_test_image_stops_the_preflight_with_one_line(data, break_file, problem):
-    dataset, path = _test_image(data, 2)
+def test_bad_test_image_stops_the_preflight_with_one_line(tiny_copy, break_file, problem):
+    dataset, path = _test_image(tiny_copy, 2)
     break_file(path)
     with pytest.raises(DatasetError) as err:
         dataset[2]
     assert _single_line(err.value).startswith(f"{path}: cannot decode image (") and problem in str(err.value)
     with pytest.raises(DatasetError) as err:
-        preflight_datasets({"trainval": VOCClassificationDataset(voc07(data), "trainval"), "test": dataset},
+        preflight_datasets({"trainval": VOCClassificationDataset(voc07(tiny_copy), "trainval"), "test": dataset},
                            log=None)
     assert str(path) in _single_line(err.value)
     with pytest.raises(DatasetError, match=re.escape(str(path))):  # the detection harness's view
-        preflight_voc_split(voc07(data), "test")
+        preflight_voc_split(voc07(tiny_copy), "test")
 
 
-def test_dataloader_worker_failure_is_one_line_naming_the_file(data):
-    dataset, path = _test_image(data, 1)
+def test_dataloader_worker_failure_is_one_line_naming_the_file(tiny_copy):
+    dataset, path = _test_image(tiny_copy, 1)
     _corrupt(path)
     with pytest.raises(DatasetError) as direct:
         dataset[1]
@@ -224,8 +212,8 @@ def test_dataloader_worker_failure_is_one_line_naming_the_file(data):
         f"{path}: cannot decode image (not a recognised image format)"
 
 
-def test_missing_image_is_a_dataset_error_and_a_file_not_found_error(data):
-    dataset, path = _test_image(data, 0)
+def test_missing_image_is_a_dataset_error_and_a_file_not_found_error(tiny_copy):
+    dataset, path = _test_image(tiny_copy, 0)
     path.unlink()
     with pytest.raises(DatasetError) as err:
         dataset[0]
@@ -234,8 +222,8 @@ def test_missing_image_is_a_dataset_error_and_a_file_not_found_error(data):
         preflight(dataset, "test")
 
 
-def test_bad_sbd_mat_and_non_image_imagenet_file(data):
-    items = train_aug_items(data)
+def test_bad_sbd_mat_and_non_image_imagenet_file(tiny_copy):
+    items = train_aug_items(tiny_copy)
     mat = next(Path(m) for _, _, m in items if str(m).endswith(".mat"))
     _truncate(mat)
     with pytest.raises(DatasetError) as err:
@@ -244,7 +232,7 @@ def test_bad_sbd_mat_and_non_image_imagenet_file(data):
     with pytest.raises(DatasetError, match=re.escape(str(mat))):
         preflight(VOCSegmentationDataset(items), "train_aug")
 
-    dataset = ImageNetDataset(data / "imagenet", "train")
+    dataset = ImageNetDataset(tiny_copy / "imagenet", "train")
     path = dataset.samples[3][0]
     path.write_text("<html>404 Not Found</html>\n")
     with pytest.raises(DatasetError) as err:
@@ -282,6 +270,7 @@ def test_preflight_passes_clean_demo_data_and_writes_nothing(tiny):
     assert _hashes(tiny) == before
 
 
+@pytest.mark.slow
 def test_preflight_sees_through_wrappers_and_id_only_datasets(tiny):
     class Wrapped(torch.utils.data.Dataset):  # like runtime.data.Augmented
         def __init__(self, base):
@@ -299,24 +288,24 @@ def test_preflight_sees_through_wrappers_and_id_only_datasets(tiny):
         preflight(object(), "x")
 
 
-def test_empty_split_stops_the_preflight_naming_the_split_file(data):
-    val = data / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+def test_empty_split_stops_the_preflight_naming_the_split_file(tiny_copy):
+    val = tiny_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
     val.write_text("")
     with pytest.raises(DatasetError) as err:
-        preflight(VOCSegmentationDataset(voc12_val_items(data)), "voc12 val")
+        preflight(VOCSegmentationDataset(voc12_val_items(tiny_copy)), "voc12 val")
     assert _single_line(err.value) == f"{val}: split is empty"
 
-    main_test = voc07(data) / "ImageSets/Main/test.txt"
+    main_test = voc07(tiny_copy) / "ImageSets/Main/test.txt"
     main_test.write_text("\n")
     with pytest.raises(DatasetError) as err:
-        preflight_voc_split(voc07(data), "test")
+        preflight_voc_split(voc07(tiny_copy), "test")
     assert str(err.value) == f"{main_test}: split is empty"
 
 
-def test_empty_imagenet_class_folder_stops_the_preflight(data):
-    empty = data / "imagenet" / "train" / "n99999999"
+def test_empty_imagenet_class_folder_stops_the_preflight(tiny_copy):
+    empty = tiny_copy / "imagenet" / "train" / "n99999999"
     empty.mkdir()
-    dataset = ImageNetDataset(data / "imagenet", "train")
+    dataset = ImageNetDataset(tiny_copy / "imagenet", "train")
     assert len(dataset.classes) == demo.SCALES["tiny"].imagenet_classes + 1  # silently one class more
     with pytest.raises(DatasetError) as err:
         preflight(dataset, "imagenet train")

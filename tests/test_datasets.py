@@ -38,21 +38,10 @@ from evals.datasets import (
 from evals.datasets import demo
 from evals.datasets.voc import labels_from_annotation
 from evals.detection.data import VOCDetectionDataset
+from tests.helpers import voc07
 
 SEED = 0
 TINY = demo.SCALES["tiny"]
-
-
-@pytest.fixture
-def broken(tiny, tmp_path) -> Path:
-    """A private copy of the tiny set to break."""
-    root = tmp_path / "data"
-    shutil.copytree(tiny, root)
-    return root
-
-
-def voc07(root: Path) -> Path:
-    return root / "VOCdevkit" / "VOC2007"
 
 
 def voc12(root: Path) -> Path:
@@ -319,9 +308,9 @@ def test_check_reports_missing_without_failing(tmp_path, capsys):
     assert "MISSING" in capsys.readouterr().out
 
 
-def test_check_count_mismatch_without_marker(broken):
-    (broken / demo.MARKER).unlink()
-    report = data_cli.check(broken)
+def test_check_count_mismatch_without_marker(tiny_copy):
+    (tiny_copy / demo.MARKER).unlink()
+    report = data_cli.check(tiny_copy)
     assert report.ok and report.rows[0].status_text() == "COUNT MISMATCH (found 24, official 5011)"
 
 
@@ -402,18 +391,18 @@ def _unknown_wnid(root):
 
 @pytest.mark.parametrize("breakage", [_truncate_xml, _missing_jpeg, _unknown_class, _bad_label_value,
                                       _wrong_palette, _mask_value_57, _mat_without_gtcls, _unknown_wnid])
-def test_broken_copies_raise_dataset_error_naming_the_file(broken, breakage, capsys):
-    path, message, read = breakage(broken)
+def test_broken_copies_raise_dataset_error_naming_the_file(tiny_copy, breakage, capsys):
+    path, message, read = breakage(tiny_copy)
     with pytest.raises(DatasetError) as err:
         read()
     assert str(path) in str(err.value)
     assert re.search(message, str(err.value)), str(err.value)
     assert isinstance(err.value, ValueError)
-    report = data_cli.check(broken)
+    report = data_cli.check(tiny_copy)
     assert not report.ok
     malformed = [r for r in report.rows if r.status == "MALFORMED"]
     assert malformed and all(str(path) in r.notes for r in malformed)
-    assert data_cli.main(["check", "--data-root", str(broken)]) == 1
+    assert data_cli.main(["check", "--data-root", str(tiny_copy)]) == 1
     assert "MALFORMED" in capsys.readouterr().out
 
 

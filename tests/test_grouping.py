@@ -73,6 +73,7 @@ def world_flow(tmp_path_factory):
     return root / "flow"
 
 
+@pytest.mark.slow
 def test_cli_json_fields_and_determinism(world_flow, capsys):
     args = ["--ckpt", "random", "--data", str(world_flow), "--split", "train", "--pixels", "48", "--json",
             "--layers", "conv1,pool1"]

@@ -111,6 +111,7 @@ def test_voc07_cls_biases_train_at_twice_the_lr_with_the_weights_decay(data_root
         assert torch.allclose(dict(model.named_parameters())[name], expected, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_voc07_cls_two_steps_in_bf16_channels_last_on_cpu_stay_close_to_fp32(data_root, tmp_path, monkeypatch):
     """amp and channels_last are operational (same run key); under bf16 + channels_last on CPU the
     harness trains and tests with float32 logits into the loss and the metric, finite, and the first

@@ -365,6 +365,7 @@ def test_bench_loaders_json_runs():
         assert set(result["pipelines"][key]) == {"ours", "baseline", "ratio"}
 
 
+@pytest.mark.slow
 def test_gpu_check_without_cuda_prints_its_plan_and_exits_0():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the script would measure")

@@ -203,6 +203,7 @@ def test_print_config_shows_the_p1_values(capsys):
     assert main(["--set", "no_such_key=1", "--print-config"]) == 2
 
 
+@pytest.mark.slow
 def test_visualize_writes_figures_2_and_4_and_the_colour_wheel(data, straight, tmp_path):
     written = visualize(str(straight[0] / "best.pt"), str(data), str(tmp_path), num_images=2)
     assert set(written) == {"fig2", "fig4", "color_wheel"}
@@ -211,6 +212,7 @@ def test_visualize_writes_figures_2_and_4_and_the_colour_wheel(data, straight, t
         assert image is not None and image.shape[0] > 100
 
 
+@pytest.mark.slow
 def test_figures_put_a_random_initialisation_row_beside_the_trained_network(data, straight, tmp_path):
     from pretrain.visualize import fig2_rows, fig4_rows
     assert fig4_rows("cpfs", True) == ["frame", "embedding (random 16D->3D)", "random init: embedding", "flow"]
@@ -224,6 +226,7 @@ def test_figures_put_a_random_initialisation_row_beside_the_trained_network(data
         assert tall.shape[1] == short.shape[1] and tall.shape[0] == pytest.approx(short.shape[0] * rows, rel=0.02)
 
 
+@pytest.mark.slow
 def test_two_steps_in_bf16_channels_last_on_cpu_stay_close_to_fp32(data, tmp_path):
     """amp=bf16 and channels_last (operational: no override, no +custom) train on CPU with finite
     losses; under bf16 autocast the loss is float32 and close to fp32's on the same weights and batch."""

@@ -80,6 +80,7 @@ def test_prepare_reads_world_videos_and_ids_line_up(videos, tmp_path):
     assert world.object_ids({"video": str(tmp_path / "elsewhere.mp4"), "frame": 0}) is None
 
 
+@pytest.mark.slow
 def test_the_world_and_the_stills_share_one_vocabulary():
     from evals.datasets.voc import VOC_CLASSES
     import scenes
