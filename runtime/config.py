@@ -15,12 +15,11 @@ README's table of chosen values (a test compares them).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import Field, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from runtime.errors import ConfigError
+from runtime import config_checks as checks
 
 SOURCE = "source"  # field metadata key: a protocol section, "chosen" or "operational"
 WHY = "why"
@@ -134,40 +133,34 @@ def validate_config(config, choices: Mapping[str, Sequence] = (), lengths: Mappi
                     minimum: Mapping[str, float] = ()) -> None:
     """Refuse, before anything runs, a config that cannot work: ConfigError naming the field and value.
 
-    ``choices``: allowed values of a field (each element, for tuples); ``lengths``: exact tuple lengths;
-    ``minimum``: smallest allowed values (e.g. a crop AlexNet can still take).
+    Every field is checked by its type and the sets above, with the checks of
+    :mod:`runtime.config_checks` (so harnesses and pretraining word their errors alike).
+    ``choices``: allowed values of a field (each element, for tuples); ``lengths``: exact tuple
+    lengths; ``minimum``: smallest allowed values (e.g. a crop AlexNet can still take).
     """
-
-    def bad(name, value, why):
-        raise ConfigError(f"{name}={value!r}: {why}")
-
     choices, lengths, minimum = dict(choices), dict(lengths), dict(minimum)
     for f in fields(config):
         name, value = f.name, getattr(config, f.name)
         if value is None or isinstance(value, (bool, str)) or name in ANY_VALUE:
             pass
         elif isinstance(value, (int, float)):
-            if not math.isfinite(value):
-                bad(name, value, "must be a finite number")
-            if name in NON_NEGATIVE and value < 0:
-                bad(name, value, "must be >= 0")
-            if name not in NON_NEGATIVE and value <= 0:
-                bad(name, value, "must be > 0")
-            if name in BELOW_ONE and value >= 1:
-                bad(name, value, "must be < 1")
+            if name in BELOW_ONE:
+                checks.in_range(config, name, 0.0, 1.0, high_inclusive=False)
+            elif name in NON_NEGATIVE:
+                checks.non_negative(config, name)
+            else:
+                checks.positive(config, name)
+            if name in minimum:
+                checks.at_least(config, name, minimum[name])
         elif isinstance(value, tuple):
-            if not value:
-                bad(name, value, "must not be empty")
-            numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if any(not math.isfinite(v) or v < 0 or (v == 0 and name not in RANGES) for v in numbers):
-                bad(name, value, "every value must be > 0")
-            if name in RANGES and (len(value) != 2 or not value[0] < value[1]):
-                bad(name, value, "must be two numbers (low, high) with low < high")
-        if name in minimum and value < minimum[name]:
-            bad(name, value, f"must be at least {minimum[name]}")
-        if name in lengths and len(value) != lengths[name]:
-            bad(name, value, f"must have {lengths[name]} values")
+            if name in RANGES:
+                checks.ordered_pair(config, name, low_min=0.0, strict=True)
+            else:
+                checks.each_positive(config, name)
+            if name in lengths:
+                checks.sequence_of(config, name, length=lengths[name])
         if name in choices:
-            for item in value if isinstance(value, tuple) else (value,):
-                if item not in choices[name]:
-                    bad(name, value, f"{item!r} is not one of {list(choices[name])}")
+            if isinstance(value, tuple):
+                checks.sequence_of(config, name, choices=choices[name])
+            else:
+                checks.one_of(config, name, choices[name])

@@ -5,7 +5,8 @@ unknown method) fails minutes or hours later, deep inside a library, with a trac
 not name the setting. These helpers are called before anything runs or touches the disk, and
 raise :class:`runtime.errors.ConfigError` ("<field> must be ..., got <value>") instead.
 
-They work on any object with attributes (dataclass configs); the harnesses share them.
+They work on any object with attributes (dataclass configs): pretraining calls them field by field
+(``pretrain.train.validate_config``), every harness through ``runtime.config.validate_config``.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _number(config: Any, name: str, integer: bool = False) -> Real:
     value = _value(config, name)
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if not _is_number(value) or (isinstance(value, float) and math.isnan(value)):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not _is_number(value) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     return value
 
 
@@ -46,6 +47,20 @@ def non_negative(config: Any, *names: str, integer: bool = False) -> None:
     for name in names:
         if not _number(config, name, integer) >= 0:
             raise ConfigError(f"{name} must be >= 0, got {_value(config, name)!r}")
+
+
+def at_least(config: Any, name: str, minimum: float) -> None:
+    """The field is a number >= ``minimum`` (e.g. a crop AlexNet can still take)."""
+    if not _number(config, name) >= minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {_value(config, name)!r}")
+
+
+def each_positive(config: Any, name: str) -> None:
+    """Every number in a non-empty list is finite and > 0 (sizes, scales); other items are left
+    to a ``choices`` check."""
+    for i, item in enumerate(sequence_of(config, name)):
+        if _is_number(item) and not (math.isfinite(item) and item > 0):
+            raise ConfigError(f"{name}[{i}] must be a positive number, got {item!r}")
 
 
 def in_range(config: Any, name: str, low: float, high: float, *, high_inclusive: bool = True) -> None:
@@ -95,17 +110,21 @@ def each_in_range(config: Any, name: str, low: float, high: float, *, length: in
             raise ConfigError(f"{name}[{i}] must be a number in [{low}, {high}{bracket}, got {item!r}")
 
 
-def ordered_pair(config: Any, name: str, *, low_exclusive_min: float | None = None, strict: bool = False) -> None:
-    """A ``(low, high)`` pair of numbers with ``low <= high`` (``<`` when ``strict``) and, when
-    ``low_exclusive_min`` is given, ``low > low_exclusive_min`` (e.g. a scale range above 0)."""
+def ordered_pair(config: Any, name: str, *, low_exclusive_min: float | None = None, low_min: float | None = None,
+                 strict: bool = False) -> None:
+    """A ``(low, high)`` pair of finite numbers with ``low <= high`` (``<`` when ``strict``) and,
+    when given, ``low > low_exclusive_min`` (e.g. a scale range above 0) or ``low >= low_min``
+    (e.g. an overlap range from 0)."""
     low, high = sequence_of(config, name, length=2)
-    if not (_is_number(low) and _is_number(high)) or math.isnan(low) or math.isnan(high):
+    if not (_is_number(low) and _is_number(high)) or not (math.isfinite(low) and math.isfinite(high)):
         raise ConfigError(f"{name} must be two numbers, got {_value(config, name)!r}")
     if (low >= high) if strict else (low > high):
         relation = "<" if strict else "<="
         raise ConfigError(f"{name} must be (low, high) with low {relation} high, got {_value(config, name)!r}")
     if low_exclusive_min is not None and not low > low_exclusive_min:
         raise ConfigError(f"{name} must be above {low_exclusive_min}, got {_value(config, name)!r}")
+    if low_min is not None and not low >= low_min:
+        raise ConfigError(f"{name} must start at {low_min} or above, got {_value(config, name)!r}")
 
 
 def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Collection[str]) -> dict:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def test_bad_values_are_refused_before_anything_runs(data_root, tmp_path, capsys
             "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), *bad]
     assert run_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {field}=") and "Traceback" not in "\n".join(err)
+    assert re.match(rf"error: {field}(\[\d+\])?[ :]", err[-1]) and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
 
 
