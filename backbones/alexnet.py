@@ -183,7 +183,7 @@ _MEMBERS: dict[str, dict] = {
 }
 LAYOUTS = tuple(_MEMBERS) + ("custom",)
 _GEOMETRY_FIELDS = ("convs", "lrn", "lrn_before_pool", "ceil_pool", "fc_widths", "dropout_before_fc", "frontend",
-                    "input")
+                    "input", "relu_slope")
 
 
 @dataclass(frozen=True)
@@ -207,12 +207,13 @@ class AlexNetArch:
     dropout_before_fc: bool | None = None  # torchvision: dropout before fc6/fc7; Caffe: after relu6/7
     frontend: str | None = None  # "none" | "sobel" (fixed grey + Sobel convolutions before conv1)
     input: InputSpec | None = None
+    relu_slope: float | None = None  # 0: ReLU; > 0: leaky ReLU with this negative slope (BiGAN: 0.2)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown AlexNet layout {self.layout!r}; expected one of {LAYOUTS}")
         defaults = dict(convs=None, lrn=None, lrn_before_pool=False, ceil_pool=False, fc_widths=(FC_WIDTH, FC_WIDTH),
-                        dropout_before_fc=False, frontend="none", input=CANONICAL_INPUT)
+                        dropout_before_fc=False, frontend="none", input=CANONICAL_INPUT, relu_slope=0.0)
         defaults.update(_MEMBERS.get(self.layout, {}))
         for name in _GEOMETRY_FIELDS:
             if getattr(self, name) is None:
@@ -230,6 +231,9 @@ class AlexNetArch:
             object.__setattr__(self, "lrn", tuple(float(v) for v in self.lrn))
         if self.frontend not in FRONTENDS:
             raise ValueError(f"unknown front-end {self.frontend!r}; expected one of {FRONTENDS}")
+        object.__setattr__(self, "relu_slope", float(self.relu_slope))
+        if not 0.0 <= self.relu_slope < 1.0:
+            raise ValueError(f"relu_slope must be in [0, 1), got {self.relu_slope}")
 
     @property
     def in_channels(self) -> int:
@@ -248,6 +252,8 @@ class AlexNetArch:
         """The member's layers, a line each (for ``backbones.info``)."""
         pool = f"max 3x3/2 {'ceil' if self.ceil_pool else 'floor'}"
         lines = [f"input: {self.input.describe()}"]
+        if self.relu_slope:
+            lines.append(f"activation: leaky ReLU, negative slope {self.relu_slope:g} (every conv and fc)")
         if self.frontend == "sobel":
             lines.append("front-end: fixed grey (1x1 conv) + Sobel x/y (3x3 conv) -> 2 channels")
         cin = self.in_channels
@@ -424,6 +430,11 @@ class AlexNet(nn.Module):
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, POOL_KERNEL, POOL_STRIDE, ceil_mode=self.arch.ceil_pool)
 
+    def rectify(self, x: torch.Tensor) -> torch.Tensor:
+        """The member's rectifier: ReLU, or a leaky ReLU when ``arch.relu_slope`` > 0."""
+        slope = self.arch.relu_slope
+        return F.leaky_relu(x, slope) if slope else F.relu(x)
+
     def after_conv(self, name: str, rectified: torch.Tensor) -> torch.Tensor:
         """What follows the rectified ``convK``: LRN and pooling in the member's order
         (the identity for conv3/conv4)."""
@@ -444,7 +455,7 @@ class AlexNet(nn.Module):
             x = F.conv2d(x, fc.weight.reshape(fc.out_features, cin, k, k), fc.bias)
         else:
             x = fc(x)
-        return F.relu(self._bn(f"bn{idx}", x))
+        return self.rectify(self._bn(f"bn{idx}", x))
 
     def activations(self, x: torch.Tensor, names: Iterable[str], dense: bool = False) -> dict[str, torch.Tensor]:
         """Run the network up to the deepest of ``names`` and return those activations.
@@ -472,7 +483,7 @@ class AlexNet(nn.Module):
         x = self.prepare_input(x)
         for i in range(1, 6):
             name = f"conv{i}"
-            x = F.relu(self._bn(f"bn{i}", getattr(self, name)(x)))
+            x = self.rectify(self._bn(f"bn{i}", getattr(self, name)(x)))
             if keep(name, x):
                 return out
             x = self.after_conv(name, x)

@@ -72,6 +72,8 @@ def arch_identity(arch: AlexNetArch | None) -> str | None:
         return None
     described = plain.to_dict()
     del described["layout"], described["num_classes"], described["dropout"], described["batchnorm"]
+    if not described["relu_slope"]:  # plain ReLU: as before the field existed (fingerprints unchanged)
+        del described["relu_slope"]
     image = arch.input.mean_image
     if image is not None:
         described["input"]["mean_image"] = hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()

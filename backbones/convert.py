@@ -76,41 +76,47 @@ class UsageError(ValueError):
 
 # --- the input spec from the command line ---------------------------------------------------------
 
+def _spec_fields(spec: InputSpec) -> dict:
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
 def parse_input_spec(text: str, base: InputSpec = CANONICAL_INPUT) -> InputSpec:
     """``--input``: a preset name (``imagenet``, ``caffe``, ``caffe-nomean``, ``bigan``, ``lab-l``)
-    and/or ``key=value`` items separated by commas, applied in order on top of ``base``:
+    and/or ``key=value`` items separated by commas, applied in order on top of ``base`` (a preset starts afresh):
     ``order=RGB|BGR``, ``scale=1/255`` (a number or a fraction), ``mean=a:b:c|none``,
-    ``std=a:b:c|none``, ``colorspace=rgb|gray|lab``, ``per_image_mean=0|1``, ``channels=0[:1...]``.
-    Example: ``caffe,mean=none,per_image_mean=1`` (Doersch et al.'s per-image centring)."""
-    spec = base
+    ``std=a:b:c|none``, ``colorspace=rgb|gray|lab``, ``per_image_mean=0|1``, ``channels=0[:1...]``;
+    the result is checked as a whole. Example: ``caffe,mean=none,per_image_mean=1`` (Doersch et al.'s per-image centring)."""
+    values = _spec_fields(base)
     for item in filter(None, (part.strip() for part in text.split(","))):
         if "=" not in item:
             if item not in _INPUT_PRESETS:
                 raise UsageError(f"--input: unknown preset {item!r}; presets: {', '.join(_INPUT_PRESETS)}")
-            spec = _INPUT_PRESETS[item]
+            values = _spec_fields(_INPUT_PRESETS[item])
             continue
         key, value = (s.strip() for s in item.split("=", 1))
         try:
             if key == "order":
-                spec = dataclasses.replace(spec, channel_order=value.upper())
+                values["channel_order"] = value.upper()
             elif key == "scale":
                 num, _, den = value.partition("/")
-                spec = dataclasses.replace(spec, scale=float(num) / (float(den) if den else 1.0))
+                values["scale"] = float(num) / (float(den) if den else 1.0)
             elif key in ("mean", "std"):
-                spec = dataclasses.replace(spec, **{key: None if value.lower() == "none" else
-                                                    tuple(float(v) for v in value.split(":"))})
+                values[key] = None if value.lower() == "none" else tuple(float(v) for v in value.split(":"))
             elif key == "colorspace":
-                spec = dataclasses.replace(spec, colorspace=value.lower())
+                values["colorspace"] = value.lower()
             elif key == "per_image_mean":
-                spec = dataclasses.replace(spec, per_image_mean=value.lower() in ("1", "true", "yes"))
+                values["per_image_mean"] = value.lower() in ("1", "true", "yes")
             elif key == "channels":
-                spec = dataclasses.replace(spec, channels=tuple(int(v) for v in value.split(":")))
+                values["channels"] = tuple(int(v) for v in value.split(":"))
             else:
                 raise UsageError(f"--input: unknown key {key!r} (order, scale, mean, std, colorspace, "
                                  f"per_image_mean, channels)")
         except ValueError as err:
             raise UsageError(f"--input {item!r}: {one_line(err)}") from None
-    return spec
+    try:  # checked once, whole: the items may come in any order (colorspace=gray before mean=...)
+        return InputSpec(**values)
+    except ValueError as err:
+        raise UsageError(f"--input {text!r}: {one_line(err)}") from None
 
 
 def input_for(fmt: str, args) -> InputSpec:
@@ -275,11 +281,28 @@ def _fold(weight: np.ndarray, bias: np.ndarray, norms: list[SourceLayer], path: 
     return w.astype(np.float32), b.astype(np.float32), ("folded " + "+".join(done)) if done else "copied"
 
 
-def _collect(net: SourceNet, discard: Sequence[str]) -> tuple[list[_Affine], list[SourceLayer], list[str]]:
-    """The conv/fc layers with what follows each, the front-end layers, and the discarded names."""
-    affine: list[_Affine] = []
-    frontend: list[SourceLayer] = []
-    discarded: list[str] = []
+@dataclasses.dataclass
+class _Collected:
+    affine: list[_Affine]  # conv/fc layers with what follows each
+    frontend: list[SourceLayer]  # DeepCluster's fixed grey + Sobel convolutions
+    discarded: list[str]  # "layer/blob (shape)" of every tensor left out by --discard
+    relus: list[SourceLayer]  # every rectifier kept (their negative slopes must agree)
+    input_affine: SourceLayer | None = None  # a per-channel 1x1 convolution before conv1 (colorization's data_l)
+
+
+def _is_input_affine(layer: SourceLayer) -> bool:
+    """A 1x1 convolution mapping each input channel to itself (``y_c = w_c x_c + b_c``)."""
+    weight = layer.blobs[0] if layer.blobs else None
+    if weight is None or weight.ndim != 4 or weight.shape[2:] != (1, 1) or weight.shape[0] != weight.shape[1]:
+        return False
+    matrix = weight[:, :, 0, 0]
+    return bool(np.all(matrix[~np.eye(len(matrix), dtype=bool)] == 0) and np.all(np.diag(matrix) != 0))
+
+
+def _collect(net: SourceNet, discard: Sequence[str]) -> _Collected:
+    """The source's layers sorted into what the family needs (see :class:`_Collected`)."""
+    found = _Collected([], [], [], [])
+    affine, frontend, discarded = found.affine, found.frontend, found.discarded
     pending_scale = 1.0
     for layer in net.layers:
         if _matches(layer.name, discard):
@@ -288,6 +311,13 @@ def _collect(net: SourceNet, discard: Sequence[str]) -> tuple[list[_Affine], lis
             continue
         if "sobel" in layer.name.lower() and layer.kind == "conv":
             frontend.append(layer)
+        elif layer.kind == "conv" and not affine and found.input_affine is None and not frontend \
+                and _is_input_affine(layer):
+            found.input_affine = layer
+        elif layer.kind == "relu":
+            if not affine:
+                raise CheckpointError(net.path, f"layer {layer.name}: a rectifier before conv1")
+            found.relus.append(layer)
         elif layer.kind in ("conv", "fc"):
             affine.append(_Affine(layer, input_scale=pending_scale))
             pending_scale = 1.0
@@ -306,8 +336,35 @@ def _collect(net: SourceNet, discard: Sequence[str]) -> tuple[list[_Affine], lis
             raise CheckpointError(net.path, f"layer {layer.name} ({layer.source_type or what}) is not part of the "
                                             f"AlexNet family; if the network does not need it (a pre-processing "
                                             f"layer: state it with --input instead), pass --discard '{layer.name}'")
-        # relu / dropout / flatten / softmax / input: nothing to carry
-    return affine, frontend, discarded
+        # dropout / flatten / softmax / input: nothing to carry
+    return found
+
+
+def _relu_slope(net: SourceNet, relus: list[SourceLayer]) -> float:
+    """The one negative slope of the source's rectifiers (0 for ReLU, or when none is listed)."""
+    slopes = {float(l.params.get("negative_slope", 0.0) or 0.0) for l in relus}
+    if len(slopes) > 1:
+        named = ", ".join(f"{l.name} {float(l.params.get('negative_slope', 0.0) or 0.0):g}" for l in relus)
+        raise CheckpointError(net.path, f"rectifiers with different negative slopes ({named}); the family has one")
+    return slopes.pop() if slopes else 0.0
+
+
+def _fold_input_affine(net: SourceNet, layer: SourceLayer, spec: InputSpec) -> InputSpec:
+    """``spec`` with a per-channel ``y = w x + b`` before conv1 folded into its mean and std:
+    ``w (x - m) / s + b = (x - (m - b s / w)) / (s / w)`` for each channel fed to the network."""
+    width = 1 if spec.colorspace == "gray" else 3
+    kept = spec.channels if spec.channels is not None else tuple(range(width))
+    weight = np.diag(layer.blobs[0][:, :, 0, 0]).astype(np.float64)
+    bias = layer.blobs[1].astype(np.float64) if len(layer.blobs) > 1 else np.zeros(len(weight))
+    if len(weight) != len(kept):
+        raise CheckpointError(net.path, f"layer {layer.name}: a {len(weight)}-channel input transform, but --input "
+                                        f"feeds {len(kept)} channel(s)")
+    mean = list(spec.mean or (0.0,)) * (width if len(spec.mean or (0.0,)) == 1 else 1)
+    std = list(spec.std or (1.0,)) * (width if len(spec.std or (1.0,)) == 1 else 1)
+    for j, c in enumerate(kept):
+        mean[c] -= bias[j] * std[c] / weight[j]
+        std[c] /= weight[j]
+    return dataclasses.replace(spec, mean=tuple(mean), std=tuple(std))
 
 
 def _pooling(net: SourceNet, convs: list[_Affine]) -> tuple[bool, tuple | None, bool]:
@@ -350,7 +407,10 @@ def _pooling(net: SourceNet, convs: list[_Affine]) -> tuple[bool, tuple | None, 
 def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
                allow_missing: Sequence[str] = (), keep_head: bool = False) -> tuple[AlexNet, list[dict], dict]:
     """The plain AlexNet holding ``net``'s weights, the load report and a summary."""
-    affine, frontend, discarded = _collect(net, discard)
+    found = _collect(net, discard)
+    affine, frontend, discarded = found.affine, found.frontend, found.discarded
+    if found.input_affine is not None:
+        spec = _fold_input_affine(net, found.input_affine, spec)
     for extra in affine[5:]:  # fc6/fc7 written as convolutions (6x6 then 1x1, e.g. Caffe2 colorization)
         if extra.layer.kind == "conv":
             weight = extra.layer.blobs[0]
@@ -396,6 +456,9 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
             raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} does not divide the "
                                             f"{cin} input channels (conv1: check --input's channels)")
         groups = cin // cin_g
+        if i == 1 and groups != 1 and not p.get("groups"):
+            raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} reads {cin_g} channel(s) "
+                                            f"but --input feeds {cin} (check its colorspace / channels)")
         if p.get("groups") not in (None, groups):
             raise CheckpointError(net.path, f"layer {layer.name}: group {p['groups']} but weight {_shape(weight)} "
                                             f"on {cin} input channels")
@@ -433,7 +496,7 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
     fc_widths = (widths + [4096, 4096])[:2] if len(widths) < 2 else tuple(widths[:2])
     fields = dict(convs=tuple(conv_specs), lrn=lrn, lrn_before_pool=lrn_before, ceil_pool=ceil,
                   fc_widths=tuple(fc_widths), frontend="sobel" if frontend else "none", input=spec,
-                  dropout_before_fc=net.format in ("pytorch", "vissl"))
+                  dropout_before_fc=net.format in ("pytorch", "vissl"), relu_slope=_relu_slope(net, found.relus))
     layout = next((name for name, member in _MEMBERS.items() if AlexNetArch(name, **{
         **fields, **{k: v for k, v in member.items() if k == "dropout_before_fc"}}) == AlexNetArch(name)), "custom")
     arch = AlexNetArch(layout, num_classes=widths[2] if len(widths) > 2 else None, **fields)
@@ -453,6 +516,10 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
     for key in missing:
         mapping.report.append({"source": "(none: --allow-missing)", "target": key, "shape": "x".join(
             map(str, target[key].shape)), "how": "fresh initialisation"})
+    if found.input_affine is not None:
+        layer = found.input_affine
+        mapping.report.append({"source": f"{layer.name} ({_shape(layer.blobs[0])} + bias)", "target": "input spec",
+                               "shape": "-", "how": f"folded into the input's mean and std: {spec.describe()}"})
     summary = {"layout": layout, "discarded": discarded, "missing": missing,
                "folded": sorted({r["how"] for r in mapping.report if r["how"].startswith("folded")})}
     return model.eval(), mapping.report, summary

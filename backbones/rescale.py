@@ -70,7 +70,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from backbones.alexnet import ACTIVATIONS, CONV_LAYERS, FC_LAYERS, AlexNet
 from backbones.checkpoint import (LoadedBackbone, fingerprint, load_backbone, load_state_dict_strict,
@@ -100,11 +99,11 @@ def parameter_layers(model: AlexNet) -> tuple[str, ...]:
 
 def next_input(model: AlexNet, name: str, z: torch.Tensor) -> torch.Tensor:
     """What the layer after ``name`` reads, from ``name``'s pre-activation ``z`` (eval mode, no
-    dropout): ReLU, the 3x3/2 max pool after conv1, conv2 and conv5, pool5 flattened as
+    dropout): the member's ReLU (leaky where it is), the 3x3/2 max pool after conv1, conv2 and conv5, pool5 flattened as
     ``AlexNet.activations`` does. fc8 logits are returned as they are."""
     if name == "fc8":
         return z
-    a = F.relu(z)
+    a = model.rectify(z)
     if name in CONV_LAYERS:
         a = model.after_conv(name, a)  # the member's LRN and pooling
     if name == "conv5":

@@ -264,6 +264,8 @@ def _text_params(layer: SourceLayer) -> str:
         region = "ACROSS_CHANNELS" if p["region"] == "across" else "WITHIN_CHANNEL"
         return (f"lrn_param {{ local_size: {p['size']} alpha: {p['alpha']!r} beta: {p['beta']!r} "
                 f"k: {p['k']!r} norm_region: {region} }}")
+    if kind == "relu" and p.get("negative_slope"):
+        return f"relu_param {{ negative_slope: {p['negative_slope']!r} }}"
     if kind == "dropout":
         return f"dropout_param {{ dropout_ratio: {p['ratio']!r} }}"
     if kind == "bn":

@@ -258,3 +258,19 @@ tasks:
     assert meta["label"] == "DeepCluster" and meta["supervision"] == "Clustering"
     assert jobs.main(["convert", str(grid)]) == 0  # converted already: kept
     assert "1 already converted" in capsys.readouterr().out
+
+
+def test_a_conv1_that_reads_fewer_channels_than_the_input_spec_feeds_is_refused(tmp_path, capsys):
+    """A grey or L-channel network converted with a 3-channel --input must not become a
+    grouped conv1 (PyTorch files store no groups): it is refused, naming conv1."""
+    model = DeepClusterLike(sobel=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("top_layer")}
+    state["features.0.weight"] = state["features.0.weight"][:, :1].clone()  # one input channel
+    src = tmp_path / "grey.pth"
+    torch.save({"state_dict": state}, src)
+    assert _convert([src, "--out", tmp_path / "x.pt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "features.0" in err[0] and "reads 1 channel" in err[0]
+    assert _convert([src, "--input", "colorspace=gray,scale=1/255,mean=0.45,std=0.225", "--out",
+                     tmp_path / "grey.pt"]) == 0
+    assert read_checkpoint(tmp_path / "grey.pt").arch.convs[0][4] == 1

@@ -25,10 +25,13 @@ FC = (64, 48, 10)
 LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0, "region": "across"}
 
 
-def caffenet_layers(seed: int, lrn_before_pool: bool) -> list[SourceLayer]:
-    """A small CaffeNet-shaped net as Caffe would list it (names as in the BVLC prototxts)."""
+def caffenet_layers(seed: int, lrn_before_pool: bool, *, lrn: bool = True, slope: float = 0.0,
+                    cin: int = 3, bottom: str = "data") -> list[SourceLayer]:
+    """A small CaffeNet-shaped net as Caffe would list it (names as in the BVLC prototxts);
+    ``lrn=False`` leaves LRN out, ``slope`` makes every rectifier leaky (BiGAN)."""
     rng = np.random.default_rng(seed)
-    layers, cin, bottom = [], 3, "data"
+    layers = []
+    relu = {"negative_slope": slope} if slope else {}
 
     def add(name, kind, params, blobs=(), top=None):
         layers.append(SourceLayer(name, kind, params, [np.asarray(b, np.float32) for b in blobs],
@@ -40,9 +43,9 @@ def caffenet_layers(seed: int, lrn_before_pool: bool) -> list[SourceLayer]:
         add(f"conv{i}", "conv", {"out": out, "kernel": (k, k), "stride": (s, s), "pad": (p, p), "groups": g,
                                  "bias": True, "dilation": (1, 1)}, [weight, rng.uniform(0, 0.1, out)])
         bottom = f"conv{i}"
-        add(f"relu{i}", "relu", {}, top=bottom)
+        add(f"relu{i}", "relu", relu, top=bottom)
         steps = []
-        if i in (1, 2):
+        if i in (1, 2) and lrn:
             steps.append(("norm", "lrn"))
         if i in (1, 2, 5):
             steps.insert(1 if lrn_before_pool else 0, ("pool", "pool"))
@@ -59,7 +62,7 @@ def caffenet_layers(seed: int, lrn_before_pool: bool) -> list[SourceLayer]:
             [rng.normal(0, math.sqrt(2.0 / fan_in), (out, fan_in)), rng.uniform(0, 0.1, out)])
         bottom = f"fc{j}"
         if j < 8:
-            add(f"relu{j}", "relu", {}, top=bottom)
+            add(f"relu{j}", "relu", relu, top=bottom)
             add(f"drop{j}", "dropout", {"ratio": 0.5}, top=bottom)
         fan_in = out
     return layers
@@ -101,7 +104,7 @@ def caffe_forward(layers: list[SourceLayer], bgr: np.ndarray, mean_image: np.nda
         elif layer.kind == "fc":
             x = layer.blobs[0].astype(np.float64) @ x.reshape(-1) + layer.blobs[1]
         elif layer.kind == "relu":
-            x = np.maximum(x, 0)
+            x = np.where(x > 0, x, (p.get("negative_slope") or 0.0) * x)
             out[layer.tops[0]] = x
         elif layer.kind == "lrn":
             x = caffe_lrn(x, p["size"], p["alpha"], p["beta"], p["k"])
@@ -359,3 +362,69 @@ def test_caffe_hdf5_release_needs_and_uses_its_prototxt(tmp_path, capsys):
                           "--no-resize", "--out", str(tmp_path / "f.npz")]) == 0
     mean = np.broadcast_to(np.array([104.0, 117.0, 123.0]).reshape(3, 1, 1), (3, 227, 227))
     assert _rel(np.load(tmp_path / "f.npz")["conv5"], caffe_forward(layers, bgr, mean)["conv5"]) < 1e-3
+
+
+def _features(ckpt, image, layers, out):
+    assert features.main(["--ckpt", str(ckpt), "--image", str(image), "--layers", ",".join(layers), "--no-resize",
+                          "--out", str(out)]) == 0
+    return np.load(out)
+
+
+def test_bigan_style_leaky_relu_without_lrn_and_pm1_input(tmp_path, capsys):
+    """Donahue et al.'s BiGAN encoder: no LRN, every rectifier leaky (slope 0.2), BGR scaled to
+    [-1, 1]. A leaky ReLU read as a plain one would silently change every activation."""
+    layers = caffenet_layers(seed=5, lrn_before_pool=False, lrn=False, slope=0.2)
+    write_caffemodel(tmp_path / "bigan.caffemodel", layers)
+    write_prototxt(tmp_path / "bigan.prototxt", layers, input_dim=(1, 3, 227, 227))
+    out = tmp_path / "bigan.pt"
+    assert convert.main([str(tmp_path / "bigan.caffemodel"), "--prototxt", str(tmp_path / "bigan.prototxt"),
+                         "--input", "order=BGR,scale=2/255,mean=1:1:1,std=none", "--discard", "fc8",
+                         "--out", str(out), "--quiet"]) == 0
+    from backbones.checkpoint import read_checkpoint
+    arch = read_checkpoint(out).arch
+    assert arch.relu_slope == pytest.approx(0.2) and arch.lrn is None
+    bgr = _image(tmp_path / "im.png", 227, seed=6)
+    ours = _features(out, tmp_path / "im.png", ("conv5", "fc7"), tmp_path / "f.npz")
+    ref = caffe_forward(layers, bgr * (2.0 / 255.0), np.ones((3, 227, 227)))
+    assert _rel(ours["conv5"], ref["conv5"]) < 1e-3 and _rel(ours["fc7"], ref["fc7"]) < 1e-3
+    assert (ours["conv5"] < 0).any()  # leaky: negative responses survive
+    mixed = [SourceLayer(l.name, l.kind, {"negative_slope": 0.1} if l.name == "relu3" else l.params, l.blobs,
+                         bottoms=l.bottoms, tops=l.tops) for l in layers]
+    write_prototxt(tmp_path / "mixed.prototxt", mixed)
+    assert convert.main([str(tmp_path / "bigan.caffemodel"), "--prototxt", str(tmp_path / "mixed.prototxt"),
+                         "--input", "bigan", "--discard", "fc8", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "relu3 0.1" in _one_line_error(capsys) and not (tmp_path / "x.pt").exists()
+
+
+def test_colorization_lightness_transform_folds_into_the_input_spec(tmp_path):
+    """Zhang et al.'s release: Lab input sliced to L, then a fixed 1x1 convolution ``data_l``
+    (w L + b: L - 50 when trained, other values after rescaling) before a one-channel conv1. The
+    transform becomes the input spec's mean and std; Slice and Silence are stated by --input
+    (channels=0) and discarded."""
+    from skimage.color import rgb2lab
+    net = caffenet_layers(seed=7, lrn_before_pool=False, lrn=False, cin=1, bottom="data_l")
+    w, b = 0.8, -40.0
+    prelude = [SourceLayer("img_slice", "other", {"type": "Slice"}, [], bottoms=["img_lab"],
+                           tops=["img_l", "data_ab"], source_type="Slice"),
+               SourceLayer("silence_ab", "other", {"type": "Silence"}, [], bottoms=["data_ab"], tops=[],
+                           source_type="Silence"),
+               SourceLayer("data_l", "conv", {"out": 1, "kernel": (1, 1), "stride": (1, 1), "pad": (0, 0),
+                                              "groups": 1, "bias": True, "dilation": (1, 1)},
+                           [np.full((1, 1, 1, 1), w, np.float32), np.full(1, b, np.float32)],
+                           bottoms=["img_l"], tops=["data_l"])]
+    layers = prelude + net
+    write_caffemodel(tmp_path / "color.caffemodel", layers)
+    write_prototxt(tmp_path / "color.prototxt", layers, input_dim=(1, 3, 227, 227))
+    out = tmp_path / "color.pt"
+    assert convert.main([str(tmp_path / "color.caffemodel"), "--prototxt", str(tmp_path / "color.prototxt"),
+                         "--input", "colorspace=lab,scale=1,mean=none,std=none,channels=0",
+                         "--discard", "img_slice", "--discard", "silence_ab", "--discard", "fc8",
+                         "--out", str(out), "--quiet"]) == 0
+    from backbones.checkpoint import read_checkpoint
+    spec = read_checkpoint(out).arch.input
+    assert spec.mean[0] == pytest.approx(-b / w) and spec.std[0] == pytest.approx(1 / w)
+    bgr = _image(tmp_path / "im.png", 227, seed=8)
+    lightness = rgb2lab(bgr[:, :, ::-1] / 255.0)[:, :, :1]
+    ours = _features(out, tmp_path / "im.png", ("conv5", "fc7"), tmp_path / "f.npz")
+    ref = caffe_forward(net, w * lightness + b, np.zeros((1, 227, 227)))
+    assert _rel(ours["conv5"], ref["conv5"]) < 1e-3 and _rel(ours["fc7"], ref["fc7"]) < 1e-3

@@ -60,7 +60,7 @@ class FastRCNN(nn.Module):
         x = torch.flatten(self.roi_pool(conv5.float(), rois), 1)  # float32 under autocast: RoIPool's CPU kernel
         net, before = self.backbone, self.backbone.arch.dropout_before_fc
         for fc in (net.fc6, net.fc7):  # the member's own order: Caffe drops after ReLU, torchvision before fc
-            x = F.relu(fc(net.drop(x))) if before else net.drop(F.relu(fc(x)))
+            x = net.rectify(fc(net.drop(x))) if before else net.drop(net.rectify(fc(x)))
         return self.cls_score(x), self.bbox_pred(x)
 
     def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
