@@ -3,7 +3,7 @@
     python -m backbones.convert SRC [--prototxt DEPLOY] [--mean FILE.binaryproto | --mean-values B,G,R]
                                 [--format auto|caffe|caffe-h5|torch7|caffe2|pytorch|vissl]
                                 [--input SPEC] [--map REGEX=REPL ...] [--discard GLOB ...]
-                                [--allow-missing GLOB ...] [--keep-head] --out OUT.pt
+                                [--allow-missing GLOB ...] [--keep-head] [--layout MEMBER] --out OUT.pt
 
 The source is read without its framework (``backbones.formats``: Caffe's protobuf through a
 descriptor declared in Python, Torch7 through ``torchfile``, Caffe2 pickles through an unpickler
@@ -208,7 +208,8 @@ def read_pytorch(path: Path, fmt: str = "pytorch", renames: Sequence[tuple[str, 
             blobs = [_np(weight)] + ([_np(params["bias"])] if "bias" in params else [])
             layers.append(SourceLayer(name, "conv", {
                 "out": int(out), "kernel": (int(kh), int(kw)), "stride": (stride, stride), "pad": (pad, pad),
-                "groups": None, "bias": "bias" in params, "dilation": (1, 1)}, blobs, "torch.nn.Conv2d"))
+                "groups": None, "bias": "bias" in params, "dilation": (1, 1), "geometry_guessed": True},
+                blobs, "torch.nn.Conv2d"))
         elif weight is not None and weight.dim() == 2:
             blobs = [_np(weight)] + ([_np(params["bias"])] if "bias" in params else [])
             layers.append(SourceLayer(name, "fc", {"out": int(weight.shape[0]), "bias": "bias" in params,
@@ -405,8 +406,13 @@ def _pooling(net: SourceNet, convs: list[_Affine]) -> tuple[bool, tuple | None, 
 
 
 def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
-               allow_missing: Sequence[str] = (), keep_head: bool = False) -> tuple[AlexNet, list[dict], dict]:
-    """The plain AlexNet holding ``net``'s weights, the load report and a summary."""
+               allow_missing: Sequence[str] = (), keep_head: bool = False,
+               layout: str | None = None) -> tuple[AlexNet, list[dict], dict]:
+    """The plain AlexNet holding ``net``'s weights, the load report and a summary. ``layout``
+    (a family member) supplies what the source does not store (PyTorch state dicts and Caffe2
+    pickles keep no strides, padding, pooling or LRN): its conv strides and padding, LRN and
+    pooling rounding; widths and groups still come from the weights."""
+    member = AlexNetArch(layout) if layout else None
     found = _collect(net, discard)
     affine, frontend, discarded = found.affine, found.frontend, found.discarded
     if found.input_affine is not None:
@@ -435,6 +441,8 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
         raise CheckpointError(net.path, f"the source has no {', '.join(undeclared)} (found "
                                         f"{len(fcs)} fc layers); declare it with --allow-missing '{undeclared[0]}.*'")
     ceil, lrn, lrn_before = _pooling(net, convs)
+    if member is not None and not any(a.after for a in convs):  # nothing stated: the member's
+        ceil, lrn, lrn_before = member.ceil_pool, member.lrn, member.lrn_before_pool
 
     mapping = _Converted(net.path)
     conv_specs = []
@@ -445,7 +453,13 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
         if weight.ndim != 4:
             raise CheckpointError(net.path, f"layer {layer.name}: weight of shape {weight.shape}, expected 4-d")
         out, cin_g, kh, kw = weight.shape
-        if p.get("stride") is None or p.get("pad") is None:  # Caffe2 pickles store no geometry
+        if member is not None and (p.get("stride") is None or p.get("geometry_guessed")):
+            _, k, stride, pad, _ = member.convs[i - 1]
+            if k != kh:
+                raise CheckpointError(net.path, f"layer {layer.name}: a {kh}x{kw} kernel, but --layout {layout}'s "
+                                                f"conv{i} is {k}x{k}")
+            p = {**p, "stride": (stride, stride), "pad": (pad, pad), "dilation": (1, 1)}
+        elif p.get("stride") is None or p.get("pad") is None:  # Caffe2 pickles store no geometry
             stride, pad = _TORCH_CONV_GEOMETRY.get(int(kh), (1, (int(kh) - 1) // 2))
             p = {**p, "stride": (stride, stride), "pad": (pad, pad), "dilation": (1, 1)}
         if kh != kw or tuple(p["stride"])[0] != tuple(p["stride"])[-1] or tuple(p["pad"])[0] != tuple(p["pad"])[-1]:
@@ -557,7 +571,7 @@ def convert(args) -> tuple[str, list[dict], dict]:
             for pattern, repl in renames:
                 layer.name = re.sub(pattern, repl, layer.name)
     model, report, summary = map_source(net, spec, discard=args.discard, allow_missing=args.allow_missing,
-                                        keep_head=args.keep_head)
+                                        keep_head=args.keep_head, layout=args.layout)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     fp = fingerprint(state, model.arch)
     meta = {"label": args.label or src.stem, "supervision": args.supervision, "converted_from": str(src),
@@ -599,6 +613,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="source layers deliberately not converted, e.g. a pretext head (repeatable)")
     parser.add_argument("--allow-missing", action="append", default=[], metavar="GLOB",
                         help="family parameters the source lacks, kept freshly initialised (repeatable)")
+    parser.add_argument("--layout", choices=[name for name in _MEMBERS],
+                        help="for sources that store no geometry (PyTorch state dicts, Caffe2 pickles): take conv "
+                             "strides/padding, LRN and pooling rounding from this family member (default: "
+                             "torchvision's strides and padding, floor pooling, no LRN)")
     parser.add_argument("--keep-head", action="store_true",
                         help="keep a classifier after fc7 as the checkpoint's fc8 (otherwise it must be --discard-ed)")
     parser.add_argument("--label", help="the row label results tables use (default: the file name)")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import convert, features
+from backbones.alexnet import CAFFE_MEAN_BGR
 from backbones.formats import SourceLayer
 from format_writers import write_binaryproto, write_caffemodel, write_prototxt
 
@@ -344,6 +345,28 @@ def test_caffe2_release_converts_exactly(tmp_path):
     x, _ = _canonical(tmp_path / "im.png")
     ref = framework_forward(layers, x, pools_after={"conv1_s0", "conv2_s0", "conv5_s0"})
     ours = np.load(tmp_path / "f.npz")
+    assert _rel(ours["conv5"], ref["conv5_s0"]) < 1e-3 and _rel(ours["fc7"], ref["fc7_s0"]) < 1e-3
+    # The pickle stores no geometry: --layout states it (here BVLC CaffeNet's: conv1 4/0, ceil
+    # pooling, LRN after pool1/pool2), checked against that network run layer by layer.
+    caffenet = tmp_path / "c2_caffenet.pt"
+    assert convert.main([str(tmp_path / "jigsaw.pkl"), "--input", "caffe", "--layout", "bvlc_caffenet",
+                         "--out", str(caffenet), "--quiet"]) == 0
+    bgr = _image(tmp_path / "im227.png", 227, seed=9)
+    explicit = []
+    for layer in layers:
+        stage = layer.name[:5]
+        if layer.kind == "conv":
+            stride, pad = KERNELS[int(stage[-1]) - 1][1:]
+            layer = SourceLayer(layer.name, "conv", {**layer.params, "stride": (stride,) * 2, "pad": (pad,) * 2},
+                                layer.blobs)
+        explicit.append(layer)
+        if layer.kind == "relu" and stage in ("relu1", "relu2", "relu5"):
+            explicit.append(SourceLayer("pool", "pool", {"ceil": True}, []))
+            if stage != "relu5":
+                explicit.append(SourceLayer("norm", "lrn", dict(LRN), []))
+    ref = framework_forward(explicit, bgr.transpose(2, 0, 1).astype(np.float64)
+                            - np.array(CAFFE_MEAN_BGR).reshape(3, 1, 1))
+    ours = _features(caffenet, tmp_path / "im227.png", ("conv5", "fc7"), tmp_path / "g.npz")
     assert _rel(ours["conv5"], ref["conv5_s0"]) < 1e-3 and _rel(ours["fc7"], ref["fc7_s0"]) < 1e-3
 
 
