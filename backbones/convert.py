@@ -65,7 +65,8 @@ _INPUT_PRESETS = {
     "imagenet": CANONICAL_INPUT,  # RGB [0, 1], ImageNet mean/std (torchvision, DeepCluster, RotNet, VISSL)
     "caffe": InputSpec(channel_order="BGR", scale=1.0, mean=CAFFE_MEAN_BGR, std=None),  # BGR 0-255 - mean
     "caffe-nomean": InputSpec(channel_order="BGR", scale=1.0, mean=None, std=None),
-    "bigan": InputSpec(scale=2.0 / 255.0, mean=(1.0, 1.0, 1.0), std=None),  # RGB scaled to [-1, 1]
+    # BiGAN's Caffe release: (x - 127.5) * 2/255, BGR (export_params.py reverses conv1's channels)
+    "bigan": InputSpec(channel_order="BGR", scale=2.0 / 255.0, mean=(1.0, 1.0, 1.0), std=None),
     "lab-l": InputSpec(colorspace="lab", scale=1.0, mean=(50.0, 0.0, 0.0), std=None, channels=(0,)),
 }
 

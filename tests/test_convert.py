@@ -4,6 +4,8 @@ code is (BatchNorm kept, Sobel stage, pretext head), saved the way they saved it
 plain, BN-folded checkpoint must give the same activations."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -234,6 +236,18 @@ def test_zoo_grid_convert_section(tmp_path, capsys):
 
     zoo = load_grid("slurm/zoo.yaml")  # the shipped zoo: valid, and every entry writes a checkpoint row
     assert set(zoo.sections["convert"]) <= set(zoo.checkpoints)
+    parser = convert.get_args_parser()
+    for name, entry in zoo.sections["convert"].items():  # every entry's arguments parse, its --input too
+        args = parser.parse_args([str(entry["src"]), *map(str, entry.get("args") or []), "--out", "x.pt"])
+        if args.input:
+            convert.parse_input_spec(args.input)
+        shipped = Path(str(entry.get("prototxt", "")))
+        if shipped.parts[:2] == ("slurm", "zoo"):  # a prototxt the repository ships (Larsson et al.)
+            from backbones.formats.caffe import net_layers, parse_prototxt
+            layers = [layer for layer, _ in net_layers(parse_prototxt(shipped), shipped)]
+            kinds = [layer.kind for layer in layers if layer.kind in ("conv", "lrn", "pool")]
+            assert kinds[:6] == ["conv", "lrn", "pool", "conv", "lrn", "pool"], name  # LRN before pooling
+            assert [layer.params["groups"] for layer in layers if layer.kind == "conv"] == [1, 2, 1, 2, 2]
     torch.manual_seed(0)
     (tmp_path / "zoo").mkdir()
     torch.save({"state_dict": _randomise_bn(DeepClusterLike()).state_dict()}, tmp_path / "zoo" / "dc.pth.tar")

@@ -401,7 +401,7 @@ def test_bigan_style_leaky_relu_without_lrn_and_pm1_input(tmp_path, capsys):
     write_prototxt(tmp_path / "bigan.prototxt", layers, input_dim=(1, 3, 227, 227))
     out = tmp_path / "bigan.pt"
     assert convert.main([str(tmp_path / "bigan.caffemodel"), "--prototxt", str(tmp_path / "bigan.prototxt"),
-                         "--input", "order=BGR,scale=2/255,mean=1:1:1,std=none", "--discard", "fc8",
+                         "--input", "bigan", "--discard", "fc8",
                          "--out", str(out), "--quiet"]) == 0
     from backbones.checkpoint import read_checkpoint
     arch = read_checkpoint(out).arch
