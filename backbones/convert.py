@@ -3,7 +3,8 @@
     python -m backbones.convert SRC [--prototxt DEPLOY] [--mean FILE.binaryproto | --mean-values B,G,R]
                                 [--format auto|caffe|caffe-h5|torch7|caffe2|pytorch|vissl]
                                 [--input SPEC] [--map REGEX=REPL ...] [--discard GLOB ...]
-                                [--allow-missing GLOB ...] [--keep-head] [--layout MEMBER] --out OUT.pt
+                                [--allow-missing GLOB ...] [--keep-head] [--layout MEMBER]
+                                [--frontend auto|sobel] --out OUT.pt
 
 The source is read without its framework (``backbones.formats``: Caffe's protobuf through a
 descriptor declared in Python, Torch7 through ``torchfile``, Caffe2 pickles through an unpickler
@@ -51,7 +52,8 @@ import numpy as np
 import torch
 
 from backbones.alexnet import (CAFFE_MEAN_BGR, CANONICAL_INPUT, FC6_GRID, FC_LAYERS, NORMALISED,
-                               POOL_KERNEL, POOL_STRIDE, POOLED, AlexNet, AlexNetArch, InputSpec, _MEMBERS)
+                               POOL_KERNEL, POOL_STRIDE, POOLED, AlexNet, AlexNetArch, InputSpec, SobelFrontEnd,
+                               _MEMBERS)
 from backbones.checkpoint import EXPORT_FORMAT, fingerprint
 from backbones.formats import SourceLayer, SourceNet, detect_format, read_mean, read_source
 from runtime.atomic import NoSpaceError, atomic_torch_save
@@ -408,11 +410,13 @@ def _pooling(net: SourceNet, convs: list[_Affine]) -> tuple[bool, tuple | None, 
 
 def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
                allow_missing: Sequence[str] = (), keep_head: bool = False,
-               layout: str | None = None) -> tuple[AlexNet, list[dict], dict]:
+               layout: str | None = None, sobel: bool = False) -> tuple[AlexNet, list[dict], dict]:
     """The plain AlexNet holding ``net``'s weights, the load report and a summary. ``layout``
     (a family member) supplies what the source does not store (PyTorch state dicts and Caffe2
     pickles keep no strides, padding, pooling or LRN): its conv strides and padding, LRN and
-    pooling rounding; widths and groups still come from the weights."""
+    pooling rounding; widths and groups still come from the weights. ``sobel``: the source's
+    conv1 reads DeepCluster's fixed grey + Sobel stage, whose weights it does not store (VISSL's
+    DeepCluster AlexNet): the stage is added with its defining filters."""
     member = AlexNetArch(layout) if layout else None
     found = _collect(net, discard)
     affine, frontend, discarded = found.affine, found.frontend, found.discarded
@@ -447,7 +451,10 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
 
     mapping = _Converted(net.path)
     conv_specs = []
-    cin = 2 if frontend else spec.channels_out
+    if sobel and frontend:
+        raise CheckpointError(net.path, f"--frontend sobel, but the source has its own Sobel layers "
+                                        f"({', '.join(l.name for l in frontend)}): leave the option out")
+    cin = 2 if frontend or sobel else spec.channels_out
     for i, conv in enumerate(convs, start=1):
         layer, p = conv.layer, conv.layer.params
         weight = layer.blobs[0]
@@ -467,13 +474,14 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
             raise CheckpointError(net.path, f"layer {layer.name}: non-square kernel, stride or padding")
         if tuple(p.get("dilation") or (1, 1)) != (1, 1):
             raise CheckpointError(net.path, f"layer {layer.name}: dilated convolutions are not in the family")
+        if i == 1 and cin_g != cin and (cin % cin_g or not p.get("groups")):
+            hint = "; 2 channels: DeepCluster's Sobel stage? (--frontend sobel)" if cin_g == 2 else ""
+            raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} reads {cin_g} channel(s) "
+                                            f"but --input feeds {cin} (check its colorspace / channels{hint})")
         if cin % cin_g:
             raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} does not divide the "
-                                            f"{cin} input channels (conv1: check --input's channels)")
+                                            f"{cin} input channels")
         groups = cin // cin_g
-        if i == 1 and groups != 1 and not p.get("groups"):
-            raise CheckpointError(net.path, f"layer {layer.name}: weight {_shape(weight)} reads {cin_g} channel(s) "
-                                            f"but --input feeds {cin} (check its colorspace / channels)")
         if p.get("groups") not in (None, groups):
             raise CheckpointError(net.path, f"layer {layer.name}: group {p['groups']} but weight {_shape(weight)} "
                                             f"on {cin} input channels")
@@ -502,6 +510,10 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
         mapping.put(f"{name}.bias", b, f"{layer.name}/1 ({_shape(bias)})" if len(layer.blobs) > 1
                     else f"{layer.name} (no bias term: zero)", how)
         widths.append(int(weight.shape[0]))
+    if sobel:
+        for name, tensor in SobelFrontEnd().state_dict().items():
+            mapping.put(f"sobel.{name}", tensor.numpy(), "(not in the source: DeepCluster's fixed grey 1/3 + "
+                                                          "Sobel filters, --frontend sobel)", "defined")
     for layer in frontend:
         target = "sobel.grey" if layer.blobs[0].shape[0] == 1 else "sobel.sobel"
         mapping.put(f"{target}.weight", layer.blobs[0], f"{layer.name}/0 ({_shape(layer.blobs[0])})")
@@ -510,7 +522,7 @@ def map_source(net: SourceNet, spec: InputSpec, *, discard: Sequence[str] = (),
 
     fc_widths = (widths + [4096, 4096])[:2] if len(widths) < 2 else tuple(widths[:2])
     fields = dict(convs=tuple(conv_specs), lrn=lrn, lrn_before_pool=lrn_before, ceil_pool=ceil,
-                  fc_widths=tuple(fc_widths), frontend="sobel" if frontend else "none", input=spec,
+                  fc_widths=tuple(fc_widths), frontend="sobel" if frontend or sobel else "none", input=spec,
                   dropout_before_fc=net.format in ("pytorch", "vissl"), relu_slope=_relu_slope(net, found.relus))
     layout = next((name for name, member in _MEMBERS.items() if AlexNetArch(name, **{
         **fields, **{k: v for k, v in member.items() if k == "dropout_before_fc"}}) == AlexNetArch(name)), "custom")
@@ -572,7 +584,8 @@ def convert(args) -> tuple[str, list[dict], dict]:
             for pattern, repl in renames:
                 layer.name = re.sub(pattern, repl, layer.name)
     model, report, summary = map_source(net, spec, discard=args.discard, allow_missing=args.allow_missing,
-                                        keep_head=args.keep_head, layout=args.layout)
+                                        keep_head=args.keep_head, layout=args.layout,
+                                        sobel=args.frontend == "sobel")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     fp = fingerprint(state, model.arch)
     meta = {"label": args.label or src.stem, "supervision": args.supervision, "converted_from": str(src),
@@ -618,6 +631,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="for sources that store no geometry (PyTorch state dicts, Caffe2 pickles): take conv "
                              "strides/padding, LRN and pooling rounding from this family member (default: "
                              "torchvision's strides and padding, floor pooling, no LRN)")
+    parser.add_argument("--frontend", choices=("auto", "sobel"), default="auto",
+                        help="sobel: conv1 reads DeepCluster's fixed grey + Sobel stage, which the file does not "
+                             "store (VISSL's DeepCluster AlexNet); auto: only what the file holds")
     parser.add_argument("--keep-head", action="store_true",
                         help="keep a classifier after fc7 as the checkpoint's fc8 (otherwise it must be --discard-ed)")
     parser.add_argument("--label", help="the row label results tables use (default: the file name)")

@@ -175,6 +175,25 @@ def test_vissl_checkpoint_nested_trunk_and_heads(tmp_path):
         assert _rel(model.activations(x, ["fc7"])["fc7"], ref.forward_to(x, "fc7")) < 1e-5
 
 
+def test_vissl_deepcluster_without_its_sobel_weights_needs_frontend_sobel(tmp_path, capsys):
+    """VISSL's DeepCluster AlexNet stores the 2-channel conv1 but not the fixed Sobel stage (its
+    trunk rebuilds it): refused as it is, exact with --frontend sobel."""
+    torch.manual_seed(8)
+    ref = _randomise_bn(DeepClusterLike(sobel=True), seed=9)
+    trunk = {f"_feature_blocks.{k}": v for k, v in ref.state_dict().items()
+             if not k.startswith(("top_layer", "sobel"))}
+    src = tmp_path / "deepcluster_alexnet_checkpoint.torch"
+    torch.save({"model_state_dict": trunk}, src)
+    assert _convert([src, "--format", "vissl", "--out", tmp_path / "x.pt"]) == 2
+    assert "reads 2 channel(s)" in capsys.readouterr().err
+    out = tmp_path / "dc.pt"
+    assert _convert([src, "--format", "vissl", "--frontend", "sobel", "--out", out]) == 0
+    model = load_backbone(out).model.eval()
+    with torch.no_grad():
+        x = _images(seed=10)
+        assert _rel(model.activations(x, ["fc7"])["fc7"], ref.forward_to(x, "fc7")) < 1e-5
+
+
 def test_shape_mismatch_and_truncation_are_one_line(tmp_path, capsys):
     torch.manual_seed(0)
     state = _randomise_bn(DeepClusterLike(sobel=False)).state_dict()
