@@ -395,10 +395,15 @@ def _features(ckpt, image, layers, out):
 
 def test_bigan_style_leaky_relu_without_lrn_and_pm1_input(tmp_path, capsys):
     """Donahue et al.'s BiGAN encoder: no LRN, every rectifier leaky (slope 0.2), BGR scaled to
-    [-1, 1]. A leaky ReLU read as a plain one would silently change every activation."""
+    [-1, 1], released with its train prototxt. A leaky ReLU read as a plain one would silently
+    change every activation."""
     layers = caffenet_layers(seed=5, lrn_before_pool=False, lrn=False, slope=0.2)
     write_caffemodel(tmp_path / "bigan.caffemodel", layers)
-    write_prototxt(tmp_path / "bigan.prototxt", layers, input_dim=(1, 3, 227, 227))
+    # the release ships a *train* prototxt: a Data layer per phase (one name), accuracy and loss
+    data = [SourceLayer("data", "other", {"type": "Data"}, [], tops=["data", "label"], source_type="Data")] * 2
+    sinks = [SourceLayer(name, "other", {"type": kind}, [], bottoms=["fc8", "label"], tops=[name], source_type=kind)
+             for name, kind in (("accuracy", "Accuracy"), ("loss", "SoftmaxWithLoss"))]
+    write_prototxt(tmp_path / "bigan.prototxt", data + layers + sinks)
     out = tmp_path / "bigan.pt"
     assert convert.main([str(tmp_path / "bigan.caffemodel"), "--prototxt", str(tmp_path / "bigan.prototxt"),
                          "--input", "bigan", "--discard", "fc8",
@@ -413,7 +418,7 @@ def test_bigan_style_leaky_relu_without_lrn_and_pm1_input(tmp_path, capsys):
     assert (ours["conv5"] < 0).any()  # leaky: negative responses survive
     mixed = [SourceLayer(l.name, l.kind, {"negative_slope": 0.1} if l.name == "relu3" else l.params, l.blobs,
                          bottoms=l.bottoms, tops=l.tops) for l in layers]
-    write_prototxt(tmp_path / "mixed.prototxt", mixed)
+    write_prototxt(tmp_path / "mixed.prototxt", data + mixed + sinks)
     assert convert.main([str(tmp_path / "bigan.caffemodel"), "--prototxt", str(tmp_path / "mixed.prototxt"),
                          "--input", "bigan", "--discard", "fc8", "--out", str(tmp_path / "x.pt")]) == 2
     assert "relu3 0.1" in _one_line_error(capsys) and not (tmp_path / "x.pt").exists()
@@ -422,8 +427,8 @@ def test_bigan_style_leaky_relu_without_lrn_and_pm1_input(tmp_path, capsys):
 def test_colorization_lightness_transform_folds_into_the_input_spec(tmp_path):
     """Zhang et al.'s release: Lab input sliced to L, then a fixed 1x1 convolution ``data_l``
     (w L + b: L - 50 when trained, other values after rescaling) before a one-channel conv1. The
-    transform becomes the input spec's mean and std; Slice and Silence are stated by --input
-    (channels=0) and discarded."""
+    transform becomes the input spec's mean and std; the Slice is stated by --input (channels=0)
+    and discarded, the Silence of the unused a/b channels is ignored."""
     from skimage.color import rgb2lab
     net = caffenet_layers(seed=7, lrn_before_pool=False, lrn=False, cin=1, bottom="data_l")
     w, b = 0.8, -40.0
@@ -441,7 +446,7 @@ def test_colorization_lightness_transform_folds_into_the_input_spec(tmp_path):
     out = tmp_path / "color.pt"
     assert convert.main([str(tmp_path / "color.caffemodel"), "--prototxt", str(tmp_path / "color.prototxt"),
                          "--input", "colorspace=lab,scale=1,mean=none,std=none,channels=0",
-                         "--discard", "img_slice", "--discard", "silence_ab", "--discard", "fc8",
+                         "--discard", "img_slice", "--discard", "fc8",
                          "--out", str(out), "--quiet"]) == 0
     from backbones.checkpoint import read_checkpoint
     spec = read_checkpoint(out).arch.input

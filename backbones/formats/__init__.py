@@ -37,6 +37,7 @@ Conventions of the neutral description (what a converter may rely on):
   blob) or ``[mean, var, weight, bias]`` with ``affine: True`` (Torch, Caffe2).
 * scale: ``bias``; blobs ``[gamma]`` or ``[gamma, beta]``.
 * dropout: ``ratio``. relu: ``negative_slope``. flatten / softmax / input: a few raw values.
+* sink: a layer whose output nothing reads (losses, accuracy, ``Silence``): ignored.
 * other: ``type`` plus the raw parameters (a Caffe ``Python`` layer's ``module`` and ``layer``).
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 from runtime.errors import CheckpointError
 from runtime.safe_load import check_file
 
-KINDS = ("input", "conv", "fc", "relu", "lrn", "pool", "bn", "scale", "dropout", "flatten", "softmax",
+KINDS = ("input", "conv", "fc", "relu", "lrn", "pool", "bn", "scale", "dropout", "flatten", "softmax", "sink",
          "other")
 READABLE_FORMATS = ("caffe", "caffe-h5", "torch7", "caffe2")
 

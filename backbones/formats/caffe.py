@@ -29,12 +29,16 @@ V2_KINDS = {
     "BatchNorm": "bn", "Scale": "scale", "Dropout": "dropout", "Flatten": "flatten",
     "Softmax": "softmax", "Input": "input", "Data": "input", "ImageData": "input",
     "MemoryData": "input", "HDF5Data": "input", "DummyData": "input", "WindowData": "input",
+    # train/test prototxts end in these; nothing reads their outputs
+    "SoftmaxWithLoss": "sink", "Accuracy": "sink", "Silence": "sink", "EuclideanLoss": "sink",
+    "SigmoidCrossEntropyLoss": "sink", "HingeLoss": "sink", "InfogainLoss": "sink",
 }
 V1_KINDS = {
     "CONVOLUTION": "conv", "INNER_PRODUCT": "fc", "RELU": "relu", "LRN": "lrn", "POOLING": "pool",
     "DROPOUT": "dropout", "FLATTEN": "flatten", "SOFTMAX": "softmax", "DATA": "input",
     "IMAGE_DATA": "input", "MEMORY_DATA": "input", "HDF5_DATA": "input", "DUMMY_DATA": "input",
-    "WINDOW_DATA": "input",
+    "WINDOW_DATA": "input", "SOFTMAX_LOSS": "sink", "ACCURACY": "sink", "SILENCE": "sink",
+    "EUCLIDEAN_LOSS": "sink", "SIGMOID_CROSS_ENTROPY_LOSS": "sink", "HINGE_LOSS": "sink", "INFOGAIN_LOSS": "sink",
 }
 WEIGHTED_KINDS = ("conv", "fc", "bn", "scale")  # kinds that cannot work without blobs
 NOTE_INPUT = "Caffe reference models expect BGR input in 0-255 with the mean image subtracted"
