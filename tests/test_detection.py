@@ -56,6 +56,40 @@ def test_proposal_cache_round_trip_and_resume(data_root, tmp_path):
     assert not list((tmp_path / "quality").glob(".tmp-*"))
 
 
+@pytest.mark.slow
+def test_concurrent_runs_split_the_images_and_wait_for_each_other(data_root, tmp_path, monkeypatch):
+    """Detection cells started together on one cache (the demo's two, a cluster's dozen) must not
+    each compute every image: an image another process claimed is left to it and waited for; a
+    claim whose owner died (older than CLAIM_STALE_S) is taken over."""
+    import os
+    import threading
+    import time
+    voc_root = data_root / "VOCdevkit" / "VOC2007"
+    ids = (voc_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:3]
+    busy, dead = (proposals.cache_path(tmp_path, "fast", i) for i in ids[:2])
+    busy.parent.mkdir(parents=True)
+    for path in (busy, dead):
+        path.with_name(path.name + ".claim").write_text("12345\n")
+    old = time.time() - proposals.CLAIM_STALE_S - 5
+    os.utime(dead.with_name(dead.name + ".claim"), (old, old))
+    theirs = np.array([[1, 1, 5, 5]], np.int32)
+
+    def other_process():  # finishes its image a moment later, then releases the claim
+        time.sleep(1.0)
+        proposals.save_boxes(busy, theirs)
+        busy.with_name(busy.name + ".claim").unlink()
+
+    monkeypatch.setattr(proposals, "CLAIM_POLL_S", 0.1)
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    summary = proposals.compute_proposals(voc_root, "test", tmp_path, "fast", workers=0, ids=ids, progress=False)
+    thread.join()
+    assert summary["computed"] == 2 and summary["computed_elsewhere"] == 1  # the stale one and the free one
+    assert np.array_equal(proposals.load_boxes(tmp_path, "fast", ids[0]), theirs)
+    assert all(proposals.cache_path(tmp_path, "fast", i).is_file() for i in ids)
+    assert not list(busy.parent.glob("*.claim"))
+
+
 def test_opencv_rects_become_voc_boxes_and_shards_split_the_ids(monkeypatch):
     # (x, y, w, h) 0-based covers pixels x..x+w-1 -> 1-based x+1..x+w
     assert proposals.rects_to_voc(np.array([[0, 0, 10, 5]]), 1.0, 20, 20).tolist() == [[1, 1, 10, 5]]

@@ -29,6 +29,7 @@ import io
 import multiprocessing
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
@@ -182,13 +183,50 @@ def import_mat(mat_path, cache_dir, ids: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- computing a split
 
 
-def _compute_one(image_path: str, out_path: str, mode: str, max_side: int | None) -> int:
+CLAIM_STALE_S = 900.0  # a claim this old belongs to a process that died: taken over
+CLAIM_POLL_S = 0.5
+
+
+def _claim(out: Path) -> bool:
+    """Claim ``out`` for this process (``<out>.claim``, created exclusively, so concurrent runs on
+    one cache -- detection cells started together, array tasks on a shared file system -- split
+    the images instead of each computing all of them). False while another process holds it."""
+    claim = out.with_name(out.name + ".claim")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - claim.stat().st_mtime < CLAIM_STALE_S:
+                    return False
+                claim.unlink()  # stale: its owner died
+            except FileNotFoundError:
+                pass  # released meanwhile: try again
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return True
+    return False
+
+
+def _compute_one(image_path: str, out_path: str, mode: str, max_side: int | None) -> int | None:
+    """Compute and cache one image's boxes; their count, or None when another process has
+    written them or is computing them (see :func:`_claim`)."""
     from runtime.images import load_image
 
-    rgb = np.asarray(load_image(image_path, "RGB"))  # a bad image: one line naming it
-    boxes = selective_search(rgb, mode, max_side)
-    save_boxes(out_path, boxes)
-    return len(boxes)
+    out = Path(out_path)
+    if out.is_file() or not _claim(out):
+        return None
+    try:
+        if out.is_file():  # written between the check and the claim
+            return None
+        rgb = np.asarray(load_image(image_path, "RGB"))  # a bad image: one line naming it
+        boxes = selective_search(rgb, mode, max_side)
+        save_boxes(out, boxes)
+        return len(boxes)
+    finally:
+        out.with_name(out.name + ".claim").unlink(missing_ok=True)
 
 
 def compute_proposals(voc_root, split: str, cache_dir, mode: str = "fast", workers: int = 2,
@@ -196,7 +234,8 @@ def compute_proposals(voc_root, split: str, cache_dir, mode: str = "fast", worke
                       ids: Sequence[str] | None = None, progress: bool = True) -> dict:
     """Selective Search boxes of every image of ``ImageSets/Main/<split>.txt`` (this shard's
     share: every ``num_shards``-th id from ``shard_index``) into the cache; cached images are
-    skipped. ``workers=0`` computes in this process."""
+    skipped, and images another process is computing at the same time are left to it and waited
+    for (see :func:`_claim`). ``workers=0`` computes in this process."""
     from evals.datasets.voc import image_path, read_split
 
     if mode not in MODES:
@@ -221,9 +260,20 @@ def compute_proposals(voc_root, split: str, cache_dir, mode: str = "fast", worke
             counts.append(_compute_one(*job))
             bar.update(1)
     bar.close()
+    elsewhere = [job for job in jobs if not Path(job[1]).is_file()]
+    computed = [c for c in counts if c is not None]
+    while elsewhere:  # left to another process: wait, or take over once its claim goes stale
+        time.sleep(CLAIM_POLL_S)
+        for job in list(elsewhere):
+            count = _compute_one(*job)
+            if count is not None:
+                computed.append(count)
+            if Path(job[1]).is_file():
+                elsewhere.remove(job)
     return {"split": split, "mode": mode, "shard": f"{shard_index}/{num_shards}", "images": len(mine),
-            "computed": len(jobs), "skipped": len(mine) - len(jobs),
-            "mean_boxes_computed": float(np.mean(counts)) if counts else None,
+            "computed": len(computed), "computed_elsewhere": len(jobs) - len(computed),
+            "skipped": len(mine) - len(jobs),
+            "mean_boxes_computed": float(np.mean(computed)) if computed else None,
             "cache": str(Path(cache_dir) / mode)}
 
 
