@@ -169,9 +169,14 @@ def test_vissl_checkpoint_nested_trunk_and_heads(tmp_path):
                src)
     out = tmp_path / "vissl.pt"
     assert _convert([src, "--format", "vissl", "--discard", "heads.0", "--out", out]) == 0
-    model = load_backbone(out).model.eval()
+    _assert_fc7_matches(out, ref, seed=7)
+
+
+def _assert_fc7_matches(converted, ref, seed):
+    """The converted checkpoint's fc7 equals the source module's on canonical input."""
+    model = load_backbone(converted).model.eval()
     with torch.no_grad():
-        x = _images(seed=7)
+        x = _images(seed=seed)
         assert _rel(model.activations(x, ["fc7"])["fc7"], ref.forward_to(x, "fc7")) < 1e-5
 
 
@@ -188,10 +193,7 @@ def test_vissl_deepcluster_without_its_sobel_weights_needs_frontend_sobel(tmp_pa
     assert "reads 2 channel(s)" in capsys.readouterr().err
     out = tmp_path / "dc.pt"
     assert _convert([src, "--format", "vissl", "--frontend", "sobel", "--out", out]) == 0
-    model = load_backbone(out).model.eval()
-    with torch.no_grad():
-        x = _images(seed=10)
-        assert _rel(model.activations(x, ["fc7"])["fc7"], ref.forward_to(x, "fc7")) < 1e-5
+    _assert_fc7_matches(out, ref, seed=10)
 
 
 def test_shape_mismatch_and_truncation_are_one_line(tmp_path, capsys):
