@@ -279,7 +279,7 @@ def test_command_lines_end_in_one_line_errors(data_root, tmp_path):
         (("evals.run", "--task", "voc07_cls", "--preset", "demo", "--ckpt", str(folder), "--data-root",
           str(data_root), "--results-dir", str(tmp_path / "r2")), "is a directory"),
         (("evals.run", "--task", "voc07_cls", "--preset", "demo", "--seed", "-1", "--data-root", str(data_root)),
-         "seed=-1"),
+         "seed must be >= 0, got -1"),
         (("evals.run", "--task", "voc07_cls", "--preset", "demo", "--data-root", str(tmp_path / "nowhere")),
          "split file not found"),
     ]
