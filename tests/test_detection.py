@@ -60,18 +60,28 @@ def test_proposal_cache_round_trip_and_resume(data_root, tmp_path):
 def test_concurrent_runs_split_the_images_and_wait_for_each_other(data_root, tmp_path, monkeypatch):
     """Detection cells started together on one cache (the demo's two, a cluster's dozen) must not
     each compute every image: an image another process claimed is left to it and waited for; a
-    claim whose owner died (older than CLAIM_STALE_S) is taken over."""
+    claim whose owner died is taken over: at once when its pid on this host is gone, after
+    CLAIM_STALE_S for another host's."""
     import os
+    import socket
+    import subprocess
+    import sys
     import threading
     import time
     voc_root = data_root / "VOCdevkit" / "VOC2007"
     ids = (voc_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:3]
     busy, dead = (proposals.cache_path(tmp_path, "fast", i) for i in ids[:2])
     busy.parent.mkdir(parents=True)
-    for path in (busy, dead):
-        path.with_name(path.name + ".claim").write_text("12345\n")
+    busy.with_name(busy.name + ".claim").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # alive
+    dead.with_name(dead.name + ".claim").write_text("another-host 12345\n")
     old = time.time() - proposals.CLAIM_STALE_S - 5
     os.utime(dead.with_name(dead.name + ".claim"), (old, old))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid on this host that no longer runs: its claim is void at once
+    spare = proposals.cache_path(tmp_path, "fast", "spare")
+    spare.with_name(spare.name + ".claim").write_text(f"{socket.gethostname()} {gone.pid}\n")
+    assert proposals._claim(spare) and spare.with_name(spare.name + ".claim").read_text().split()[1] == str(os.getpid())
+    spare.with_name(spare.name + ".claim").unlink()
     theirs = np.array([[1, 1, 5, 5]], np.int32)
 
     def other_process():  # finishes its image a moment later, then releases the claim

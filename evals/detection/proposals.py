@@ -28,6 +28,7 @@ import ctypes
 import io
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -183,29 +184,47 @@ def import_mat(mat_path, cache_dir, ids: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- computing a split
 
 
-CLAIM_STALE_S = 900.0  # a claim this old belongs to a process that died: taken over
+CLAIM_STALE_S = 900.0  # a claim from another host this old belongs to a process that died: taken over
 CLAIM_POLL_S = 0.5
+
+
+def _owner_is_gone(claim: Path) -> bool:
+    """The claim was written by a process that no longer runs: on this host, its pid is not
+    alive (a killed run, resumed at once); elsewhere, the claim is older than CLAIM_STALE_S."""
+    try:
+        host, pid = claim.read_text().split()
+        if host == socket.gethostname():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+            return False
+    except (ValueError, OSError):
+        pass  # being written, or not ours: judge by age
+    try:
+        return time.time() - claim.stat().st_mtime >= CLAIM_STALE_S
+    except FileNotFoundError:
+        return True
 
 
 def _claim(out: Path) -> bool:
     """Claim ``out`` for this process (``<out>.claim``, created exclusively, so concurrent runs on
     one cache -- detection cells started together, array tasks on a shared file system -- split
-    the images instead of each computing all of them). False while another process holds it."""
+    the images instead of each computing all of them). False while another live process holds it."""
     claim = out.with_name(out.name + ".claim")
     claim.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
             fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                if time.time() - claim.stat().st_mtime < CLAIM_STALE_S:
-                    return False
-                claim.unlink()  # stale: its owner died
-            except FileNotFoundError:
-                pass  # released meanwhile: try again
+            if not _owner_is_gone(claim):
+                return False
+            claim.unlink(missing_ok=True)  # its owner died: take over
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
         return True
     return False
 
