@@ -33,7 +33,6 @@ Deterministic: the network (``random``), the pixels and nothing else draw from `
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -248,19 +247,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.errors import one_line
+    from runtime.errors import print_result
 
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(1)  # small per-image passes: threads cost more than they save here
-    try:
-        result = evaluate(args.ckpt, args.data, args.split, args.seed, args.pixels,
-                          [s for s in args.layers.split(",") if s], args.labels, args.images, args.data_root,
-                          progress=not args.json)
-    except (ValueError, OSError, KeyError) as err:  # CheckpointError, DatasetError, ConfigError: ValueErrors
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else describe(result))
-    return 0
+    return print_result(lambda: evaluate(args.ckpt, args.data, args.split, args.seed, args.pixels,
+                                         [s for s in args.layers.split(",") if s], args.labels, args.images,
+                                         args.data_root, progress=not args.json),
+                        describe, args.json, errors=(ValueError, OSError, KeyError))
 
 
 if __name__ == "__main__":

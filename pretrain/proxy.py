@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -330,17 +329,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.errors import one_line
+    from runtime.errors import print_result
 
     args = get_args_parser().parse_args(argv)
-    try:
-        result = evaluate(args.ckpt, args.data, args.split, args.seed, args.pairs, args.batch_size, args.device,
-                          args.num_pixels)
-    except (ValueError, OSError) as err:  # CheckpointError, DatasetError, ConfigError: ValueErrors
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else describe(result))
-    return 0
+    return print_result(lambda: evaluate(args.ckpt, args.data, args.split, args.seed, args.pairs, args.batch_size,
+                                         args.device, args.num_pixels), describe, args.json)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,18 @@ class CheckpointError(ValueError):
     def __init__(self, source, problem: str):
         self.source, self.problem = str(source), problem
         super().__init__(f"{source}: {problem}")
+
+
+def print_result(compute, describe, as_json: bool, errors: tuple = (ValueError, OSError)) -> int:
+    """A command line's last step: run ``compute()`` and print its result (one JSON object with
+    ``as_json``, else ``describe(result)``); one of ``errors`` becomes one line on stderr and exit
+    code 2 (CheckpointError, DatasetError and ConfigError are ValueErrors)."""
+    import json
+    import sys
+    try:
+        result = compute()
+    except errors as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if as_json else describe(result))
+    return 0
