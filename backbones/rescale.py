@@ -53,8 +53,9 @@ the loop's further corrections (up to :data:`BETWEEN_ITERATIONS`) do the rest, a
 does for a loaded network (``-l``): its filters are kept and only the layers' relative scales
 change (``--steps both`` applies both).
 
-Determinism: the built-in ``random-rescaled`` checkpoint of ``evals.run`` is rebuilt by every run
-and by the grid's planner, on machines with other thread counts, and its fingerprint must agree.
+Determinism: the built-in ``random-rescaled`` checkpoint of ``evals.run`` is built by the grid's
+planner and by runs that share no work dir (:func:`random_rescaled_backbone`'s cache), on machines
+with other thread counts, and its fingerprint must agree.
 So the statistics are computed in float64 and the corrections rounded before use (gains and
 factors to a 17-bit mantissa, bias shifts to multiples of 2^-20): float64 rounding noise never
 reaches that resolution, and what is applied afterwards is exact or correctly rounded IEEE
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -236,15 +238,6 @@ def sample_images(data_root, count: int, seed: int, size: int = INPUT_SIZE) -> t
     return load_batch(paths, size), [p.stem for p in paths]
 
 
-def rescale_on_voc07(model: AlexNet, data_root, *, seed: int, images: int = DEFAULT_IMAGES,
-                     size: int = INPUT_SIZE, within: bool = True, between: bool = True) -> tuple[AlexNet, dict]:
-    """:func:`rescale` on :func:`sample_images`; the report also names the sample."""
-    batch, ids = sample_images(data_root, images, seed, size)
-    rescaled, report = rescale(model, batch, seed=seed, within=within, between=between)
-    report.update(seed=seed, data_root=str(data_root), image_ids=ids)
-    return rescaled, report
-
-
 @torch.no_grad()
 def activation_stds(model: AlexNet, images: torch.Tensor, names: Sequence[str] = RECTIFIED) -> dict[str, float]:
     """Standard deviation of each named activation (after its ReLU) over ``images``, all positions
@@ -267,15 +260,35 @@ def spread(stds: dict[str, float]) -> float:
 # --- the built-in `random-rescaled` checkpoint of evals.run ----------------------------------------------
 
 def random_rescaled_backbone(seed: int, data_root, *, layout: str = "caffenet", num_classes: int | None = None,
-                             dropout: float = 0.5) -> LoadedBackbone:
+                             dropout: float = 0.5, cache_dir=None) -> LoadedBackbone:
     """The Random-rescaled row: :func:`backbones.checkpoint.random_backbone` under ``seed``, both
     steps on :data:`DEFAULT_IMAGES` VOC2007 trainval images of ``data_root`` sampled by ``seed``.
     The same network as ``python -m backbones.rescale random --data-root ROOT --seed S``. The
     fingerprint is the headless backbone's; a new fc8 (``num_classes``) is initialised afterwards
-    from the global RNG, as for ``random``."""
+    from the global RNG, as for ``random``.
+
+    ``cache_dir``: where a built network is kept under a key of everything it depends on
+    (:func:`cache_key`), so that the grid's planner and the cells after it, or several harnesses
+    on one seed, build it once (about 25 s of a 1-thread run). What is read back is the same
+    network a fresh build gives (the build is exact; see Determinism) and is checked against the
+    fingerprint stored beside it; an unreadable entry is rebuilt and replaced."""
     base = random_backbone(seed, layout=layout, dropout=dropout).model
-    with torch.random.fork_rng(devices=[]):
-        model, report = rescale_on_voc07(base, data_root, seed=seed, images=DEFAULT_IMAGES, size=INPUT_SIZE)
+    paths = sample_paths(voc07_trainval_jpegs(data_root), DEFAULT_IMAGES, seed)
+    cached = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / f"random-rescaled-{cache_key(base, paths)}.pt"
+        cached = _read_cached(entry, base)
+    if cached is not None:
+        model, report = cached
+    else:
+        with torch.random.fork_rng(devices=[]):
+            batch = load_batch(paths, INPUT_SIZE)
+            model, report = rescale(base, batch, seed=seed)
+            report.update(seed=seed, data_root=None, image_ids=[p.stem for p in paths])
+        if cache_dir is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            save_backbone(model, entry, meta={"rescale": report})
+    report["data_root"] = str(data_root)  # the caller's spelling, also for a cached network
     backbone_fp = fingerprint(model.state_dict())
     source = f"random-rescaled(seed={seed})"
     if num_classes:
@@ -285,6 +298,38 @@ def random_rescaled_backbone(seed: int, data_root, *, layout: str = "caffenet", 
     return LoadedBackbone(model, backbone_fp, source, "random-rescaled",
                           {"loaded": [], "missing": list(model.state_dict()), "discarded": [],
                            "folded_batchnorm": False}, {"seed": seed, "rescale": report})
+
+
+CACHE_SOURCES = ("rescale.py", "alexnet.py", "inputs.py")  # the code a built network depends on
+
+
+def cache_key(base: AlexNet, paths: Sequence[Path]) -> str:
+    """Hex digest of what :func:`random_rescaled_backbone` builds from: the random network's
+    fingerprint (seed, layout, init), the sample's file names and bytes, the source of the
+    modules that measure and correct it, and the torch version."""
+    digest = hashlib.sha256(f"{METHOD} {torch.__version__} {fingerprint(base.state_dict())}".encode())
+    here = Path(__file__).resolve().parent
+    for name in CACHE_SOURCES:
+        digest.update((here / name).read_bytes())
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _read_cached(entry: Path, base: AlexNet) -> tuple[AlexNet, dict] | None:
+    """The network and report kept in ``entry`` (loaded into a copy of ``base``: no RNG is drawn),
+    or None when there is none or it cannot be read (truncated, edited: :func:`read_checkpoint`
+    checks the stored fingerprint)."""
+    if not entry.is_file():
+        return None
+    try:
+        ckpt = read_checkpoint(entry)
+        model = copy.deepcopy(base)
+        load_state_dict_strict(model, ckpt.state_dict, source=str(entry))
+    except (CheckpointError, RuntimeError, ValueError, OSError):
+        return None
+    report = ckpt.meta.get("rescale")
+    return (model, dict(report)) if isinstance(report, dict) else None
 
 
 # --- command line -------------------------------------------------------------------------------------------

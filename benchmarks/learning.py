@@ -23,8 +23,10 @@ Sizes (default): 16 videos x 30 frames at 160 x 208 (128 pairs, 32 val), 60 pret
 network (the demo preset's 150 cut short), the ``small`` labelled data, harness iterations at 0.25
 x the demo preset's (VOC07 cls 25, VOC12 seg 20 + 2, linear probe 30); 3 seeds. Measured on the
 shared 2-core machine: 11 min per seed when only the other workers ran (pretraining 3 min, each
-network's evaluation ~1.5 min, random-rescaled ~2.5 min as each harness rescales it again); 35 min
-(2115 s) for the 3 seeds of the README run, partly beside test runs. Over the issue's 15-20 min
+network's evaluation ~1.5 min, random-rescaled ~2.5 min as each harness rescaled it again); 35 min
+(2115 s) for the 3 seeds of the README run, partly beside test runs. Since then random-rescaled is
+built once per seed and read back by the other harnesses from the work dir (backbones.rescale's
+cache), which saves ~25 s per further harness. Over the issue's 15-20 min
 target: ``--seeds 0 1`` or ``--tasks voc07_cls in1k_linear`` bring it there.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from runtime.errors import RunError
 # --- checkpoints to evaluate -----------------------------------------------------------------------
 
 def load_for_eval(ckpt: str, seed: int, *, num_classes: int | None, new_head: bool, layout: str = "caffenet",
-                  dropout: float = 0.5, data_root: str | None = None) -> LoadedBackbone:
+                  dropout: float = 0.5, data_root: str | None = None, cache_dir=None) -> LoadedBackbone:
     """``ckpt`` is a path (any format backbones.checkpoint reads), ``random`` or ``random-rescaled``.
 
     ``random-rescaled`` (Table 2's Random-rescaled row): ``random`` under ``seed``, then both
@@ -29,7 +29,8 @@ def load_for_eval(ckpt: str, seed: int, *, num_classes: int | None, new_head: bo
     under ``data_root`` chosen by ``seed``. Every task reads the same sample (VOC2007 trainval
     sits under every task's data root, also ImageNet's, and holds no test image), so one seed and
     data root give one network, one fingerprint, whichever task evaluates it; it is rebuilt
-    identically on every machine (see backbones.rescale, Determinism).
+    identically on every machine (see backbones.rescale, Determinism). ``cache_dir`` (the run's
+    :func:`builtin_cache`) keeps the built network, so that the grid's planner and its cells build it once.
 
     ``new_head``: fc8 is re-initialised for this task (declared missing; a source fc8 is discarded).
     """
@@ -40,9 +41,16 @@ def load_for_eval(ckpt: str, seed: int, *, num_classes: int | None, new_head: bo
             raise CheckpointError(ckpt, "needs the run's data root (its VOC2007 trainval images are the "
                                         "rescaling sample)")
         from backbones.rescale import random_rescaled_backbone
-        return random_rescaled_backbone(seed, data_root, layout=layout, num_classes=num_classes, dropout=dropout)
+        return random_rescaled_backbone(seed, data_root, layout=layout, num_classes=num_classes, dropout=dropout,
+                                        cache_dir=cache_dir)
     patterns = ("fc8.*",) if new_head else ()
     return load_backbone(ckpt, num_classes=num_classes, allow_missing=patterns, discard=patterns, dropout=dropout)
+
+
+def builtin_cache(config) -> Path:
+    """Where built-in networks that take a while to build (``random-rescaled``) are kept: the
+    run's work dir, beside the training checkpoints."""
+    return Path(config.work_dir) / "builtin"
 
 
 def default_supervision(loaded: LoadedBackbone) -> str:
@@ -128,7 +136,8 @@ def begin_run(task: str, config, *, splits: Mapping[str, Sequence[str]], num_cla
     torch.manual_seed(config.seed)
     start = now()
     loaded = load_for_eval(config.ckpt, config.seed, num_classes=num_classes, new_head=new_head,
-                           layout=config.layout, data_root=config.data_root, **load_kwargs)
+                           layout=config.layout, data_root=config.data_root, cache_dir=builtin_cache(config),
+                           **load_kwargs)
     identity = run_identity(task, config, splits)
     key = store.run_key(identity)
     work_dir = Path(config.work_dir) / task / config.preset / f"{loaded.fingerprint[:16]}-{key}-seed{config.seed}"

@@ -176,7 +176,8 @@ def plan(argv, cache: dict | None = None) -> dict:
         if key not in cache:
             try:
                 cache[key] = engine.load_for_eval(config.ckpt, config.seed, num_classes=None, new_head=False,
-                                                  layout=config.layout, data_root=config.data_root).fingerprint
+                                                  layout=config.layout, data_root=config.data_root,
+                                                  cache_dir=engine.builtin_cache(config)).fingerprint
             except (DatasetError, FileNotFoundError):
                 cache[key] = None
     else:

@@ -187,6 +187,38 @@ def test_acceptance_deep_activations_recover_on_demo_data(demo_root, tmp_path, c
 
 
 @pytest.mark.slow
+def test_builtin_cache_gives_the_fresh_network(demo_root, tmp_path, monkeypatch):
+    """A cached random-rescaled network is the one a fresh build gives (weights, report, and the
+    global RNG the new head is drawn from); a hit computes nothing; a damaged entry is rebuilt;
+    another seed is another entry."""
+    monkeypatch.setattr(rs, "DEFAULT_IMAGES", 3)
+    monkeypatch.setattr(rs, "INPUT_SIZE", SMALL)
+    cache = tmp_path / "builtin"
+    fresh = rs.random_rescaled_backbone(2, demo_root)
+    built = []
+    for _ in range(2):  # first a miss that writes the entry, then a hit
+        torch.manual_seed(7)
+        built.append((rs.random_rescaled_backbone(2, demo_root, num_classes=20, cache_dir=cache), torch.get_rng_state()))
+    (miss, miss_rng), (hit, hit_rng) = built
+    entries = list(cache.glob("random-rescaled-*.pt"))
+    assert len(entries) == 1
+    assert fresh.fingerprint == miss.fingerprint == hit.fingerprint
+    assert miss.meta == hit.meta == fresh.meta and torch.equal(miss_rng, hit_rng)
+    for key, value in miss.model.state_dict().items():  # fc8 included: drawn from the same RNG state
+        assert torch.equal(value, hit.model.state_dict()[key]), key
+
+    real_rescale = rs.rescale
+    monkeypatch.setattr(rs, "rescale", lambda *a, **k: pytest.fail("a cache hit rescaled again"))
+    assert rs.random_rescaled_backbone(2, demo_root, cache_dir=cache).fingerprint == fresh.fingerprint
+    monkeypatch.setattr(rs, "rescale", real_rescale)
+    entries[0].write_bytes(entries[0].read_bytes()[:200])  # truncated: rebuilt and replaced
+    assert rs.random_rescaled_backbone(2, demo_root, cache_dir=cache).fingerprint == fresh.fingerprint
+    assert read_checkpoint(entries[0]).fingerprint == fresh.fingerprint
+    rs.random_rescaled_backbone(3, demo_root, cache_dir=cache)
+    assert len(list(cache.glob("random-rescaled-*.pt"))) == 2
+
+
+@pytest.mark.slow
 def test_cli_builtin_and_plan_agree(demo_root, tmp_path, monkeypatch, capsys):
     """`python -m backbones.rescale random` writes the network `--ckpt random-rescaled` builds
     (same seed and data root), and evals.run's planner computes the same fingerprint."""
@@ -206,10 +238,12 @@ def test_cli_builtin_and_plan_agree(demo_root, tmp_path, monkeypatch, capsys):
     assert loaded.fingerprint == ckpt.fingerprint and loaded.model.fc8.out_features == 20
     assert engine.default_label(loaded) == "Random-rescaled" and engine.default_supervision(loaded) == "-"
     planned = run.plan(["--task", "in1k_linear", "--preset", "demo", "--ckpt", "random-rescaled", "--seed", "5",
-                        "--data-root", str(demo_root), "--results-dir", str(tmp_path / "res")])
+                        "--data-root", str(demo_root), "--results-dir", str(tmp_path / "res"),
+                        "--work-dir", str(tmp_path / "work")])
     assert planned["fingerprint"] == ckpt.fingerprint
     missing = run.plan(["--task", "in1k_linear", "--preset", "demo", "--ckpt", "random-rescaled",
-                        "--data-root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "res")])
+                        "--data-root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "res"),
+                        "--work-dir", str(tmp_path / "work")])
     assert missing["fingerprint"] is None  # like a checkpoint file that does not exist yet
     # a checkpoint source: only the between-layer step, its own meta kept, the label marked
     again = tmp_path / "rr2.pt"
