@@ -286,8 +286,12 @@ def random_rescaled_backbone(seed: int, data_root, *, layout: str = "caffenet", 
             model, report = rescale(base, batch, seed=seed)
             report.update(seed=seed, data_root=None, image_ids=[p.stem for p in paths])
         if cache_dir is not None:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            save_backbone(model, entry, meta={"rescale": report})
+            try:  # best effort: a work dir that cannot take it costs only the next run's rebuild
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                save_backbone(model, entry, meta={"rescale": report})
+            except OSError as err:
+                print(f"note: random-rescaled not kept in {entry.parent} ({one_line(err)}); "
+                      f"later runs rebuild it", file=sys.stderr)
     report["data_root"] = str(data_root)  # the caller's spelling, also for a cached network
     backbone_fp = fingerprint(model.state_dict())
     source = f"random-rescaled(seed={seed})"

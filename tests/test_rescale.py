@@ -187,10 +187,10 @@ def test_acceptance_deep_activations_recover_on_demo_data(demo_root, tmp_path, c
 
 
 @pytest.mark.slow
-def test_builtin_cache_gives_the_fresh_network(demo_root, tmp_path, monkeypatch):
+def test_builtin_cache_gives_the_fresh_network(demo_root, tmp_path, monkeypatch, capsys):
     """A cached random-rescaled network is the one a fresh build gives (weights, report, and the
     global RNG the new head is drawn from); a hit computes nothing; a damaged entry is rebuilt;
-    another seed is another entry."""
+    another seed is another entry; a cache that cannot be written costs nothing but the rebuild."""
     monkeypatch.setattr(rs, "DEFAULT_IMAGES", 3)
     monkeypatch.setattr(rs, "INPUT_SIZE", SMALL)
     cache = tmp_path / "builtin"
@@ -216,6 +216,9 @@ def test_builtin_cache_gives_the_fresh_network(demo_root, tmp_path, monkeypatch)
     assert read_checkpoint(entries[0]).fingerprint == fresh.fingerprint
     rs.random_rescaled_backbone(3, demo_root, cache_dir=cache)
     assert len(list(cache.glob("random-rescaled-*.pt"))) == 2
+    (tmp_path / "a_file").write_text("")  # a cache that cannot be written is skipped, with a note
+    unkept = rs.random_rescaled_backbone(2, demo_root, cache_dir=tmp_path / "a_file" / "builtin")
+    assert unkept.fingerprint == fresh.fingerprint and "later runs rebuild it" in capsys.readouterr().err
 
 
 @pytest.mark.slow
