@@ -164,16 +164,34 @@ def normalise_within(model: AlexNet, images: torch.Tensor, beta: float = BETA) -
 
 # --- step 2: between-layer ------------------------------------------------------------------------------
 
-def change_rates(model: AlexNet, images: torch.Tensor, seed: int) -> dict[str, float]:
+RATE_AVERAGES = ("layer", "channel", "column")  # how a layer's rate is pooled (see change_rates)
+
+
+def change_rates(model: AlexNet, images: torch.Tensor, seed: int, per: str = "layer") -> dict[str, float]:
     """``C_k = ||dL/dW_k||^2 / ||W_k||^2`` per layer, for ``L = <eta, output>`` with a standard
-    normal ``eta`` drawn from ``seed`` (the same target for the same seed and output shape)."""
+    normal ``eta`` drawn from ``seed`` (the same target for the same seed and output shape).
+
+    ``per``: ``layer`` (the default, magic_init's measure) pools the squared norms over the whole
+    layer; ``channel`` and ``column`` average the ratio over output channels or over input
+    columns (the paper's per-column mean) instead. The last two are measurement variants
+    (benchmarks/rescale_spread.py); the command line uses ``layer``."""
+    if per not in RATE_AVERAGES:
+        raise ValueError(f"per must be one of {RATE_AVERAGES}, got {per!r}")
     weights = [getattr(model, name).weight for name in parameter_layers(model)]
     with torch.enable_grad():
         output = network_output(model, images)
         eta = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
         grads = torch.autograd.grad((output * eta).sum(), weights)
-    return {name: float(g.pow(2).sum() / w.detach().pow(2).sum())
-            for name, w, g in zip(parameter_layers(model), weights, grads)}
+    rates = {}
+    for name, w, g in zip(parameter_layers(model), weights, grads):
+        w2, g2 = w.detach().pow(2), g.pow(2)
+        if per == "layer":
+            rates[name] = float(g2.sum() / w2.sum())
+        else:
+            if per == "column":
+                w2, g2 = w2.transpose(0, 1), g2.transpose(0, 1)
+            rates[name] = float((g2.flatten(1).sum(1) / w2.flatten(1).sum(1)).mean())
+    return rates
 
 
 @torch.no_grad()
@@ -188,12 +206,14 @@ def _scale_layers(model: AlexNet, factors: torch.Tensor) -> None:
 
 
 def equalise_between(model: AlexNet, images: torch.Tensor, seed: int,
-                     iterations: int = BETWEEN_ITERATIONS, tolerance: float = TOLERANCE) -> list[dict[str, float]]:
+                     iterations: int = BETWEEN_ITERATIONS, tolerance: float = TOLERANCE,
+                     per: str = "layer") -> list[dict[str, float]]:
     """Algorithm 2 on ``model`` in place (see the module docstring); returns the rates measured
-    at each iteration (the last entry is the converged state unless ``iterations`` ran out)."""
+    at each iteration (the last entry is the converged state unless ``iterations`` ran out).
+    ``per``: how each layer's rate is pooled (:func:`change_rates`)."""
     history = []
     for _ in range(iterations):
-        rates = change_rates(model, images, seed)
+        rates = change_rates(model, images, seed, per)
         history.append(rates)
         logs = torch.tensor([math.log(r) for r in rates.values()], dtype=torch.float64)
         deviation = logs - logs.mean()
@@ -207,9 +227,10 @@ def equalise_between(model: AlexNet, images: torch.Tensor, seed: int,
 
 def rescale(model: AlexNet, images: torch.Tensor, *, seed: int, within: bool = True, between: bool = True,
             beta: float = BETA, between_images: int = BETWEEN_IMAGES,
-            iterations: int = BETWEEN_ITERATIONS) -> tuple[AlexNet, dict]:
+            iterations: int = BETWEEN_ITERATIONS, rate_per: str = "layer") -> tuple[AlexNet, dict]:
     """A rescaled copy of the plain ``model`` (``images``: ``N x 3 x H x W``, normalised input) and
-    a JSON-able report of what was measured. ``seed`` draws the random targets of step 2."""
+    a JSON-able report of what was measured. ``seed`` draws the random targets of step 2;
+    ``rate_per`` is :func:`change_rates`' ``per``."""
     if model.has_batchnorm:
         raise ValueError("rescaling needs a plain AlexNet (fold BatchNorm first: backbones.alexnet.fold_batchnorm)")
     if not (within or between):
@@ -221,9 +242,11 @@ def rescale(model: AlexNet, images: torch.Tensor, *, seed: int, within: bool = T
     if within:
         report["within"] = normalise_within(work, data, beta)
     if between:
-        history = equalise_between(work, data[:between_images], seed, iterations)
+        history = equalise_between(work, data[:between_images], seed, iterations, per=rate_per)
         report.update(between_images=min(between_images, len(images)), between_iterations=len(history),
                       rates_first=history[0], rates_last=history[-1])
+        if rate_per != "layer":
+            report["rate_per"] = rate_per
     out = copy.deepcopy(model)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     state = {k: v.to(dtypes[k]) for k, v in work.state_dict().items()}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from backbones import rescale as rs
+from backbones.alexnet import AlexNet
 from backbones.checkpoint import load_backbone, random_backbone, read_checkpoint
 from backbones.inputs import sample_paths, voc07_trainval_jpegs
 from runtime.errors import DatasetError
@@ -118,6 +119,25 @@ def test_within_layer_gives_each_channel_mean_beta_and_unit_variance():
     # directions are kept: each conv1 filter is a positive multiple of the original
     cos = torch.nn.functional.cosine_similarity(out.conv1.weight.flatten(1), model.conv1.weight.flatten(1))
     assert torch.all(cos > 1 - 1e-6)
+
+
+def test_rate_pooling_variants():
+    """A layer's rate pooled per layer is the ratio of the summed squares; per output channel and
+    per input column it is the mean of the per-row / per-column ratios (computed here by hand)."""
+    model = AlexNet("caffenet").double().eval()
+    x = torch.randn(2, 3, SMALL, SMALL, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rates = {per: rs.change_rates(model, x, seed=0, per=per) for per in rs.RATE_AVERAGES}
+    w = model.fc7.weight.detach()
+    with torch.enable_grad():
+        out = rs.network_output(model, x)
+        eta = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        g, = torch.autograd.grad((out * eta).sum(), [model.fc7.weight])
+    assert rates["layer"]["fc7"] == pytest.approx(float((g ** 2).sum() / (w ** 2).sum()), rel=1e-9)
+    assert rates["channel"]["fc7"] == pytest.approx(float(((g ** 2).sum(1) / (w ** 2).sum(1)).mean()), rel=1e-9)
+    assert rates["column"]["fc7"] == pytest.approx(float(((g ** 2).sum(0) / (w ** 2).sum(0)).mean()), rel=1e-9)
+    assert rates["channel"]["fc7"] != pytest.approx(rates["layer"]["fc7"], rel=1e-6)
+    with pytest.raises(ValueError, match="per must be one of"):
+        rs.change_rates(model, x, seed=0, per="row")
 
 
 @pytest.mark.slow
