@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backbones import rescale as rs  # noqa: E402
 from backbones.checkpoint import random_backbone  # noqa: E402
+from runtime.errors import DatasetError, one_line  # noqa: E402
 
 VARIANTS = ("before", "within", "both", "both, best lambda", "both, per channel", "both, per column")
 
@@ -114,7 +115,11 @@ def main(argv=None) -> int:
     start = time.time()
     results = {}
     for seed in args.seeds:
-        results[str(seed)] = measure(seed, args.data_root, args.images)
+        try:
+            results[str(seed)] = measure(seed, args.data_root, args.images)
+        except (DatasetError, OSError, ValueError) as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
         spreads = "  ".join(f"{v} x{rs.spread(results[str(seed)][v]):.2f}" for v in VARIANTS)
         print(f"seed {seed}: {spreads}", flush=True)
     payload = {"command": "python benchmarks/rescale_spread.py " + " ".join(sys.argv[1:] if argv is None else argv),
