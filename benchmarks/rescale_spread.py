@@ -20,7 +20,7 @@ The spread is the largest std over the smallest. Writes ``--out``.json and ``--o
 layer, log scale, one panel per variant family; spreads per seed beside a x2 line).
 
 Usage: .venv/bin/python benchmarks/rescale_spread.py [--data-root demo_output/data] [--seeds 0 1 2]
-       [--images 160] [--out docs/rescale_spread]
+       [--images 160] [--layout caffenet|torchvision] [--out docs/rescale_spread]
 About 1.5 min per seed on 2 CPU cores at the defaults.
 """
 from __future__ import annotations
@@ -54,9 +54,9 @@ def best_common_factor(stds: dict[str, float]) -> float:
     return math.exp(min((i / 4000 for i in range(-2000, 2001)), key=log_spread))
 
 
-def measure(seed: int, data_root: str, images: int) -> dict[str, dict[str, float]]:
+def measure(seed: int, data_root: str, images: int, layout: str = "caffenet") -> dict[str, dict[str, float]]:
     batch, _ = rs.sample_images(data_root, images, seed)
-    base = random_backbone(seed).model
+    base = random_backbone(seed, layout=layout).model
     out = {"before": rs.activation_stds(base, batch)}
     within, _ = rs.rescale(base, batch, seed=seed, between=False)
     out["within"] = rs.activation_stds(within, batch)
@@ -72,7 +72,7 @@ def measure(seed: int, data_root: str, images: int) -> dict[str, dict[str, float
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, layout: str = "caffenet") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,7 +86,7 @@ def plot(results: dict, path: Path) -> None:
         left.plot(layers, [first[variant][n] for n in layers], marker=marker, color=colour, label=variant)
     left.set_yscale("log")
     left.set_ylabel("std of the rectified activation")
-    left.set_title(f"per layer (seed {seeds[0]})")
+    left.set_title(f"per layer, {layout} layout (seed {seeds[0]})")
     left.legend(fontsize=8)
     left.grid(alpha=0.3, which="both")
     for i, variant in enumerate(VARIANTS[1:]):
@@ -110,13 +110,15 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default="demo_output/data", help="folder holding VOCdevkit/VOC2007")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=rs.DEFAULT_IMAGES)
+    parser.add_argument("--layout", choices=("caffenet", "torchvision"), default="caffenet",
+                        help="the random AlexNet's layout (as backbones.rescale --layout; default caffenet)")
     parser.add_argument("--out", type=Path, default=Path("docs/rescale_spread"), help="writes OUT.json and OUT.png")
     args = parser.parse_args(argv)
     start = time.time()
     results = {}
     for seed in args.seeds:
         try:
-            results[str(seed)] = measure(seed, args.data_root, args.images)
+            results[str(seed)] = measure(seed, args.data_root, args.images, args.layout)
         except (DatasetError, OSError, ValueError) as err:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
@@ -125,11 +127,11 @@ def main(argv=None) -> int:
     payload = {"command": "python benchmarks/rescale_spread.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": f"{platform.node()}: {torch.get_num_threads()} threads, torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start),
-               "data_root": args.data_root, "images": args.images, "stds": results,
+               "data_root": args.data_root, "images": args.images, "layout": args.layout, "stds": results,
                "spread": {s: {v: rs.spread(r[v]) for v in VARIANTS} for s, r in results.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), args.layout)
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')} ({payload['seconds']} s)")
     return 0
 
